@@ -1,0 +1,1 @@
+"""Built-in schedulers: choose which units train at each optimizer step."""

@@ -1,1 +1,46 @@
-x=1
+"""``weight_delta``: SlimFit's score, the mean relative change of a unit's weights in its step.
+
+score = mean over elements of |W_before - W_after| / |W_before|; elements with W_before == 0
+contribute 0 (the relative change is undefined there). Only the units trained in the step are
+snapshotted, right before the optimizer step, so scoring memory is the trained units' bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from slimfit_accel.hookspecs import UnitView, hookimpl
+
+
+@dataclass
+class WeightDelta:
+    """Relative weight change per element, averaged over the unit (SlimFit)."""
+
+    def before_step(self, views: Sequence[UnitView]) -> list[list[torch.Tensor]]:
+        return [[w.detach().clone() for w in view.weights] for view in views]
+
+    def after_step(self, views: Sequence[UnitView], before: list[list[torch.Tensor]]) -> torch.Tensor:
+        scores = []
+        for view, snapshots in zip(views, before):
+            total = torch.zeros((), dtype=torch.float32, device=_device(view))
+            count = 0
+            for after, old in zip(view.weights, snapshots):
+                change = (old - after).abs().float()
+                magnitude = old.abs().float()
+                ratio = torch.where(magnitude > 0, change / magnitude.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+                total = total + ratio.sum()
+                count += old.numel()
+            scores.append(total / max(count, 1))
+        return torch.stack(scores)
+
+
+def _device(view: UnitView) -> torch.device:
+    return view.weights[0].device if view.weights else torch.device("cpu")
+
+
+@hookimpl
+def register_scorers(register):
+    register("weight_delta", WeightDelta)

@@ -1,0 +1,114 @@
+"""The SlimFit config: typed, loaded from YAML or a dict, validated before anything trains.
+
+Example (YAML)::
+
+    seed: 0
+    units: {granularity: tensor, always_train: ["classifier.*"]}
+    scorer: {name: weight_delta}
+    scheduler: {name: ils, freeze_ratio: 0.9}
+
+Strategy sections hold ``name`` plus the strategy's own options; those options are checked
+against the strategy's signature when the strategy is built (``slimfit_accel.plugins``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+
+class StrategySpec(BaseModel):
+    """``{name: <strategy name>, <option>: <value>, ...}``."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = Field(min_length=1)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class UnitsConfig(BaseModel):
+    """Which parameters are freezable units and how they are grouped.
+
+    ``granularity``: ``tensor`` (SlimFit: each weight with more than one dimension, plus norm
+    scales), ``module`` (a layer's weights together) or ``block`` (a whole transformer layer).
+    ``include``/``exclude``: glob patterns over parameter names choosing the candidates (others
+    are left as the user set them). ``always_train``: patterns over unit or parameter names for
+    units trained at every step (e.g. a new classifier head). ``freeze_biases``: make biases and
+    norm shifts freezable too (SlimFit keeps them always trainable: they are cheap).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    granularity: Literal["tensor", "module", "block"] = "tensor"
+    include: list[str] = Field(default_factory=lambda: ["*"])
+    exclude: list[str] = Field(default_factory=list)
+    always_train: list[str] = Field(default_factory=list)
+    freeze_biases: bool = False
+
+
+class SlimFitConfig(BaseModel):
+    """The whole SlimFit config. ``compression`` is read by the activation compression engine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    seed: int = 0
+    units: UnitsConfig = Field(default_factory=UnitsConfig)
+    scorer: StrategySpec = Field(default_factory=lambda: StrategySpec(name="weight_delta"))
+    scheduler: StrategySpec = Field(
+        default_factory=lambda: StrategySpec(name="ils", freeze_ratio=0.9)
+    )
+    compression: dict[str, Any] | None = None
+
+
+def load_config(source: str | Path | Mapping[str, Any] | SlimFitConfig) -> SlimFitConfig:
+    """Load and validate a config from a YAML file path, a dict, or a ready ``SlimFitConfig``.
+
+    Raises ``ConfigError`` naming the file, the key and what to do.
+    """
+    if isinstance(source, SlimFitConfig):
+        return source
+    if isinstance(source, Mapping):
+        return _validate(dict(source), where="config")
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file. Pass the path of a SlimFit YAML file.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{path}{at}: YAML syntax error: {problem}. Fix the YAML and retry.") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: a SlimFit config is a mapping (keys such as scheduler:, scorer:), "
+            f"got a {type(data).__name__}."
+        )
+    return _validate(data, where=str(path))
+
+
+def _validate(data: dict[str, Any], where: str) -> SlimFitConfig:
+    try:
+        return SlimFitConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, where)) from None
+
+
+def _describe(err: ValidationError, where: str) -> str:
+    lines = [f"{where}: invalid SlimFit config:"]
+    for problem in err.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see the config reference in README.md)"
+        got = problem.get("input")
+        shown = "" if problem["type"] in ("missing", "extra_forbidden") else f" (got {got!r})"
+        lines.append(f"  {key}: {message}{shown}")
+    return "\n".join(lines)

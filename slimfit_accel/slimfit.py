@@ -1,0 +1,140 @@
+"""``SlimFit``: the object a training loop talks to. Thin: it wires the other modules together.
+
+Example, in an Accelerate loop::
+
+    slimfit = SlimFit.from_config("slimfit.yaml")
+    model = slimfit.prepare_model(model)                 # before accelerator.prepare
+    accelerator = Accelerator(kwargs_handlers=SlimFit.kwargs_handlers())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    slimfit.attach(accelerator, model, optimizer, total_steps=len(loader))
+    for batch in loader:
+        with accelerator.accumulate(model), slimfit.step():
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    print(slimfit.report().render())
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .config import SlimFitConfig, load_config
+from .controller import FreezeController
+from .errors import IntegrationError
+from .plugins import StrategyRegistry
+from .report import SlimFitReport, build_report
+from .stepping import StepBackend, TorchStepBackend
+from .units import UnitSet, discover_units
+
+
+class SlimFit:
+    """Per-step freezing from training dynamics, for a model trained with Accelerate."""
+
+    def __init__(self, config: SlimFitConfig, registry: StrategyRegistry | None = None):
+        self.config = config
+        self.registry = registry or StrategyRegistry.load()
+        # Build the strategies now: a bad name or option fails before any model is touched.
+        self.scorer = self.registry.build("scorer", config.scorer)
+        self.scheduler = self.registry.build("scheduler", config.scheduler)
+        self.units: UnitSet | None = None
+        self.controller: FreezeController | None = None
+        self.accelerator = None
+
+    @classmethod
+    def from_config(
+        cls, source: str | Path | Mapping[str, Any] | SlimFitConfig, *, plugins: Iterable[Any] = ()
+    ) -> "SlimFit":
+        """Build from a YAML path, a dict or a ``SlimFitConfig``.
+
+        ``plugins``: extra plugin modules/objects to register besides the installed ones.
+        """
+        return cls(load_config(source), StrategyRegistry.load(plugins))
+
+    @staticmethod
+    def kwargs_handlers() -> list:
+        """Accelerator kwargs SlimFit needs: DDP must tolerate parameters without gradients."""
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        return [DistributedDataParallelKwargs(find_unused_parameters=True)]
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Find the units and make each trainable; call before ``accelerator.prepare``.
+
+        DDP and DeepSpeed record which parameters train when they wrap the model, so every unit
+        must be trainable then; freezing is applied per step afterwards.
+        """
+        self.units = discover_units(model, self.config.units)
+        for unit in self.units.all:
+            for param in unit.params:
+                param.requires_grad_(True)
+        return model
+
+    def attach(self, accelerator: Any, model: nn.Module, optimizer: Any, total_steps: int | None = None) -> None:
+        """Start freezing: pick the backend for this setup and decide the first step.
+
+        ``accelerator`` may be None for a plain PyTorch loop. ``total_steps`` (planned optimizer
+        steps) is needed by schedulers that follow training progress.
+        """
+        if self.units is None:
+            raise IntegrationError("call slimfit.prepare_model(model) before accelerator.prepare and attach()")
+        backend = self._backend(accelerator, model, optimizer)
+        self.controller = FreezeController(
+            self.units, self.scorer, self.scheduler, self.registry, seed=self.config.seed, total_steps=total_steps
+        )
+        self.controller.bind(backend)
+        if accelerator is not None:
+            accelerator.register_for_checkpointing(self.controller)
+        self.accelerator = accelerator
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        """Wrap each micro-batch: applies this optimizer step's freeze decision before forward."""
+        if self.controller is None:
+            raise IntegrationError("call slimfit.attach(accelerator, model, optimizer) before training")
+        self.controller.begin_step()
+        yield
+
+    def report(self) -> SlimFitReport:
+        """What was frozen and trained so far; ``.render()`` gives a table, ``.to_dict()`` data."""
+        if self.controller is None:
+            raise IntegrationError("nothing to report: attach() was not called")
+        return build_report(self.controller)
+
+    def detach(self) -> None:
+        """Stop freezing: every unit trainable again, optimizer hooks removed."""
+        if self.controller is not None:
+            self.controller.unbind()
+            for unit in self.units.all:
+                for param in unit.params:
+                    param.requires_grad_(True)
+            self.controller = None
+
+    def _backend(self, accelerator: Any, model: nn.Module, optimizer: Any) -> StepBackend:
+        if accelerator is not None and str(accelerator.distributed_type) in ("DistributedType.DEEPSPEED", "DEEPSPEED"):
+            from .integrations.deepspeed import ZeroStepBackend
+
+            return ZeroStepBackend(accelerator.deepspeed_engine_wrapped.engine)
+        if isinstance(model, nn.parallel.DistributedDataParallel) and not model.find_unused_parameters:
+            raise IntegrationError(
+                "DDP was built with find_unused_parameters=False, so it would wait for gradients of "
+                "frozen units. Pass kwargs_handlers=SlimFit.kwargs_handlers() to Accelerator(...)."
+            )
+        torch_optimizer = getattr(optimizer, "optimizer", optimizer)
+        if not isinstance(torch_optimizer, torch.optim.Optimizer):
+            raise IntegrationError(f"unsupported optimizer {type(torch_optimizer).__name__}: expected a torch.optim.Optimizer")
+        in_optimizer = {id(p) for group in torch_optimizer.param_groups for p in group["params"]}
+        missing = [name for unit in self.units.all for name, p in zip(unit.param_names, unit.params) if id(p) not in in_optimizer]
+        if missing:
+            raise IntegrationError(
+                f"{len(missing)} unit parameters are not in the optimizer (e.g. {missing[0]!r}). Create the "
+                f"optimizer after slimfit.prepare_model(model), over model.parameters()."
+            )
+        return TorchStepBackend(torch_optimizer)

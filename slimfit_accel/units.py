@@ -1,0 +1,180 @@
+"""Finding the freezable units of any ``nn.Module``.
+
+A unit is what the scheduler freezes or trains as one: a weight tensor (``tensor``, SlimFit's
+default), the weights of one layer (``module``) or a whole transformer block (``block``).
+Transformer blocks are found structurally (a ``ModuleList`` of two or more modules of one type
+that hold parameters: ``bert.encoder.layer``, ``transformer.h``, ``model.layers``...), so no
+architecture is special-cased.
+
+Example::
+
+    units = discover_units(model, UnitsConfig(always_train=["classifier.*"]))
+    [u.name for u in units.schedulable][:2]   # ['bert.embeddings.word_embeddings.weight', ...]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from torch import nn
+
+from .config import UnitsConfig
+from .errors import ConfigError
+from .hookspecs import UnitInfo
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A freezable unit: its name, parameters (with their names) and position in the model."""
+
+    name: str
+    params: tuple[nn.Parameter, ...]
+    param_names: tuple[str, ...]
+    index: int
+    block: int | None
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    @property
+    def info(self) -> UnitInfo:
+        return UnitInfo(name=self.name, index=self.index, block=self.block, numel=self.numel)
+
+    def matches(self, pattern: str) -> bool:
+        return fnmatchcase(self.name, pattern) or any(fnmatchcase(n, pattern) for n in self.param_names)
+
+
+@dataclass(frozen=True)
+class UnitSet:
+    """The units of a model: ``schedulable`` ones (the scheduler decides) and ``always_trained``."""
+
+    schedulable: tuple[Unit, ...]
+    always_trained: tuple[Unit, ...]
+
+    @property
+    def all(self) -> tuple[Unit, ...]:
+        return self.schedulable + self.always_trained
+
+
+def discover_units(model: nn.Module, config: UnitsConfig) -> UnitSet:
+    """Group the model's candidate parameters into units, as ``config`` says.
+
+    Raises ``ConfigError`` when a pattern matches nothing or no unit is left to schedule.
+    """
+    model_name = type(model).__name__
+    all_names = [name for name, _ in model.named_parameters()]
+    _check_patterns("units.include", config.include, all_names, model_name, "parameter")
+    _check_patterns("units.exclude", config.exclude, all_names, model_name, "parameter")
+
+    owner_of = _owning_modules(model)
+    block_of = _block_index(model)
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    blocks: dict[str, int | None] = {}
+    for name, param in model.named_parameters():
+        if not any(fnmatchcase(name, p) for p in config.include):
+            continue
+        if any(fnmatchcase(name, p) for p in config.exclude):
+            continue
+        module_path, module = owner_of[name]
+        if not (config.freeze_biases or _is_weight_like(name, param, module)):
+            continue
+        block = block_of(name)
+        key = _unit_name(config.granularity, name, module_path, block)
+        groups.setdefault(key, []).append((name, param))
+        blocks[key] = None if block is None else block[1]
+
+    units = [
+        Unit(
+            name=key,
+            params=tuple(p for _, p in members),
+            param_names=tuple(n for n, _ in members),
+            index=index,
+            block=blocks[key],
+        )
+        for index, (key, members) in enumerate(groups.items())
+    ]
+    if not units:
+        raise ConfigError(
+            f"units: no freezable unit found in {model_name} with include={config.include} "
+            f"exclude={config.exclude}. Widen the include patterns."
+        )
+    _check_patterns("units.always_train", config.always_train, units, model_name, "unit")
+    always = tuple(u for u in units if any(u.matches(p) for p in config.always_train))
+    schedulable = tuple(u for u in units if u not in always)
+    if not schedulable:
+        raise ConfigError(
+            f"units.always_train: patterns {config.always_train} match every unit of {model_name}; "
+            f"nothing is left for the scheduler. Narrow the patterns."
+        )
+    return UnitSet(schedulable=schedulable, always_trained=always)
+
+
+def find_blocks(model: nn.Module) -> list[str]:
+    """Module paths of the transformer blocks, in order (outermost repeated stacks only)."""
+    stacks: list[str] = []
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        if any(path.startswith(s + ".") for s in stacks):
+            continue
+        kinds = {type(child) for child in module}
+        if len(kinds) == 1 and all(any(True for _ in child.parameters()) for child in module):
+            stacks.append(path)
+    return [f"{stack}.{i}" if stack else str(i) for stack in stacks for i in range(len(model.get_submodule(stack)))]
+
+
+def _is_weight_like(name: str, param: nn.Parameter, module: nn.Module) -> bool:
+    """SlimFit's units: weights with more than one dimension, and norm scales."""
+    if param.dim() > 1:
+        return True
+    return name.rsplit(".", 1)[-1] == "weight" and "norm" in type(module).__name__.lower()
+
+
+def _owning_modules(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    owners = {}
+    for path, module in model.named_modules():
+        for local_name, _ in module.named_parameters(recurse=False):
+            owners[f"{path}.{local_name}" if path else local_name] = (path, module)
+    return owners
+
+
+def _block_index(model: nn.Module):
+    blocks = find_blocks(model)
+
+    def block_of(param_name: str) -> tuple[str, int] | None:
+        for index, path in enumerate(blocks):
+            if param_name.startswith(path + "."):
+                return path, index
+        return None
+
+    return block_of
+
+
+def _unit_name(granularity: str, param_name: str, module_path: str, block: tuple[str, int] | None) -> str:
+    if granularity == "tensor":
+        return param_name
+    if granularity == "block" and block is not None:
+        return block[0]
+    return module_path or param_name
+
+
+def _check_patterns(key: str, patterns: list[str], candidates, model_name: str, what: str) -> None:
+    names = [c if isinstance(c, str) else c.name for c in candidates]
+    for pattern in patterns:
+        if isinstance(candidates[0] if candidates else None, Unit):
+            hit = any(c.matches(pattern) for c in candidates)
+        else:
+            hit = any(fnmatchcase(n, pattern) for n in names)
+        if not hit:
+            examples = ", ".join(repr(n) for n in names[:3])
+            raise ConfigError(
+                f"{key}: pattern {pattern!r} matches no {what} of {model_name} "
+                f"({what} names look like {examples}, ...). Fix or remove the pattern."
+            )
+
+
+def unit_bytes(units: tuple[Unit, ...] | list[Unit]) -> int:
+    """Bytes of the units' parameters, as stored."""
+    return sum(p.numel() * p.element_size() for u in units for p in u.params)
