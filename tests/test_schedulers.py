@@ -1,0 +1,118 @@
+"""Decisions of the built-in schedulers on small, hand-checked examples."""
+
+from __future__ import annotations
+
+import torch
+
+from slimfit_accel import UnitsConfig
+from slimfit_accel.hookspecs import ScheduleContext, UnitInfo
+from slimfit_accel.rng import derived_generator
+from slimfit_accel.strategies.scheduling.ils import ILS
+
+from conftest import tiny_bert
+from strategy_harness import chain, run
+
+NAMES = [f"{i}.weight" for i in range(5)]
+TABLE = {"0.weight": 0.5, "1.weight": 0.1, "2.weight": 0.9, "3.weight": 0.3, "4.weight": 0.7}
+DESCENDING_INIT = [5e30, 4e30, 3e30, 2e30, 1e30]
+
+
+def ctx(scores: dict[str, float]) -> ScheduleContext:
+    units = tuple(UnitInfo(name=n, index=i, block=None, numel=16) for i, n in enumerate(scores))
+    return ScheduleContext(step=0, units=units, scores=scores, generator=derived_generator(0, 0), seed=0)
+
+
+def named(*indices):
+    return {NAMES[i] for i in indices}
+
+
+def test_ils_freezes_lowest_fraction():
+    scores = dict(zip(NAMES, [0.5, 0.1, 0.9, 0.3, 0.7]))
+    assert set(ILS(0.6).select(ctx(scores))) == named(2, 4)  # floor(0.6*5)=3 lowest frozen: 1, 3, 0
+    assert set(ILS(0.0).select(ctx(scores))) == set(NAMES)
+    assert set(ILS(0.99).select(ctx(scores))) == named(2)  # floor(4.95)=4 frozen
+
+
+def test_ils_ties_go_to_the_first_defined_unit():
+    scores = dict.fromkeys(NAMES, 1.0)
+    assert set(ILS(0.6).select(ctx(scores))) == named(3, 4)
+
+
+def test_ils_reference_sequence_with_warmup_and_stale_scores():
+    # Trace by hand (2 of 5 units train; a unit's k-th score is TABLE * 0.5**(k-1)):
+    # step 0: untrained u0,u1 highest -> train; scores u0=.5 u1=.1
+    # step 1: untrained u2,u3 -> train; u2=.9 u3=.3
+    # step 2: untrained u4 + best trained u2(.9); u4=.7 u2=.45
+    # step 3: u4(.7) u0(.5); u4=.35 u0=.25
+    # step 4: u2(.45) u4(.35); u2=.225 u4=.175
+    # step 5: u3(.3) u0(.25)
+    decisions, controller = run(
+        chain(), {"name": "ils", "freeze_ratio": 0.6}, steps=6,
+        scorer={"name": "table", "table": TABLE}, initial_scores=DESCENDING_INIT,
+    )
+    assert decisions == [named(0, 1), named(2, 3), named(2, 4), named(0, 4), named(2, 4), named(0, 3)]
+    # u1 was trained once, at step 0, and kept that stale score since
+    assert controller.scores[1].item() == 0.1  # exact: float64 table value
+    assert controller.stats.trained_steps["1.weight"] == 1
+
+
+def test_ils_warmup_trains_every_unit_once_before_any_twice():
+    decisions, _ = run(chain(7), {"name": "ils", "freeze_ratio": 0.7}, steps=4, seed=3)
+    # 7 units, floor(4.9)=4 frozen, 3 train: steps 0-1 train 6 distinct units, step 2 the last one
+    assert len(decisions[0] | decisions[1]) == 6
+    assert (set(f"{i}.weight" for i in range(7)) - decisions[0] - decisions[1]) <= decisions[2]
+
+
+def test_ils_ratio_zero_trains_everything_and_near_one_round_robins():
+    decisions, _ = run(chain(), {"name": "ils", "freeze_ratio": 0.0}, steps=3)
+    assert all(d == set(NAMES) for d in decisions)
+    decisions, _ = run(chain(), {"name": "ils", "freeze_ratio": 0.99}, steps=5, initial_scores=DESCENDING_INIT)
+    assert decisions == [named(i) for i in range(5)]
+
+
+def test_initial_order_depends_on_seed_only():
+    first, _ = run(chain(), {"name": "ils", "freeze_ratio": 0.8}, steps=5, seed=1)
+    again, _ = run(chain(), {"name": "ils", "freeze_ratio": 0.8}, steps=5, seed=1)
+    other, _ = run(chain(), {"name": "ils", "freeze_ratio": 0.8}, steps=5, seed=2)
+    assert first == again
+    assert first[:5] != other[:5]
+    assert set().union(*first) == set(NAMES)
+
+
+def test_random_layers_samples_blocks_per_interval():
+    model = tiny_bert(layers=4)
+    decisions, controller = run(model, {"name": "random_layers", "n_blocks": 2, "interval": 3}, steps=9,
+                                units=UnitsConfig(always_train=["classifier.*"]))
+    block_of = {u.name: u.block for u in controller.units.schedulable}
+    outside = {n for n, b in block_of.items() if b is None}
+    chosen = [{block_of[n] for n in d} - {None} for d in decisions]
+    assert all(len(c) == 2 for c in chosen)
+    assert all(outside <= d for d in decisions)
+    for d, c in zip(decisions, chosen):  # whole blocks are trained
+        assert d == outside | {n for n, b in block_of.items() if b in c}
+    assert chosen[0] == chosen[1] == chosen[2] and chosen[3] == chosen[4] == chosen[5]
+    assert len({frozenset(c) for c in chosen}) > 1
+    again, _ = run(tiny_bert(layers=4), {"name": "random_layers", "n_blocks": 2, "interval": 3}, steps=9,
+                   units=UnitsConfig(always_train=["classifier.*"]))
+    assert again == decisions
+
+
+def test_progressive_freezes_front_to_back():
+    model = tiny_bert()
+    decisions, controller = run(model, {"name": "progressive", "start": 0.5, "end": 0.9}, steps=10, total_steps=10)
+    units = controller.units.schedulable
+    embeddings = {u.name for u in units if u.block is None and u.name.startswith("bert.embeddings")}
+    block0 = {u.name for u in units if u.block == 0}
+    block1 = {u.name for u in units if u.block == 1}
+    head = {u.name for u in units if u.block is None} - embeddings
+    everything = embeddings | block0 | block1 | head
+    # 4 stages; thresholds 0.5, 0.7, 0.9 of 10 steps
+    assert decisions[:5] == [everything] * 5
+    assert decisions[5] == decisions[6] == block0 | block1 | head
+    assert decisions[7] == decisions[8] == block1 | head
+    assert decisions[9] == head
+
+
+def test_static_trains_matching_units_only():
+    decisions, _ = run(chain(), {"name": "static", "train": ["3.*", "4.*"]}, steps=3)
+    assert decisions == [named(3, 4)] * 3
