@@ -195,7 +195,9 @@ def _construct(factory: Callable[..., Any], options: dict[str, Any]) -> Any:
             return TypeAdapter(factory).validate_python(options)
         except ValidationError as err:
             problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {_clean(e['msg'])} (got {e.get('input')!r})"
+                f"{'.'.join(str(p) for p in e['loc'])}: {_clean(e['msg'])} (got {e.get('input')!r})"
+                if e["loc"]
+                else _clean(e["msg"])  # raised by __post_init__: the message names the option
                 for e in err.errors()
             )
             raise _OptionError(problems) from None

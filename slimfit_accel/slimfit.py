@@ -38,12 +38,12 @@ from .units import UnitSet, discover_units
 class SlimFit:
     """Per-step freezing from training dynamics, for a model trained with Accelerate."""
 
-    def __init__(self, config: SlimFitConfig, registry: StrategyRegistry | None = None):
+    def __init__(self, config: SlimFitConfig, registry: StrategyRegistry | None = None, origin: str = "config"):
         self.config = config
         self.registry = registry or StrategyRegistry.load()
         # Build the strategies now: a bad name or option fails before any model is touched.
-        self.scorer = self.registry.build("scorer", config.scorer)
-        self.scheduler = self.registry.build("scheduler", config.scheduler)
+        self.scorer = self.registry.build("scorer", config.scorer, where=f"{origin}: scorer")
+        self.scheduler = self.registry.build("scheduler", config.scheduler, where=f"{origin}: scheduler")
         self.units: UnitSet | None = None
         self.controller: FreezeController | None = None
         self.accelerator = None
@@ -56,7 +56,8 @@ class SlimFit:
 
         ``plugins``: extra plugin modules/objects to register besides the installed ones.
         """
-        return cls(load_config(source), StrategyRegistry.load(plugins))
+        origin = str(source) if isinstance(source, (str, Path)) else "config"
+        return cls(load_config(source), StrategyRegistry.load(plugins), origin=origin)
 
     @staticmethod
     def kwargs_handlers() -> list:
