@@ -1,0 +1,67 @@
+"""Scaled int4 quantization: a float32 scale per row (or group), two codes packed per byte.
+
+Half the bytes of int8 at a visible cost in precision (measured: weight-gradient cosine
+0.95-0.96 when *every* saved tensor of a small BERT is stored this way), so the default policy
+uses it only for GELU inputs, as SlimFit does. Odd element counts are padded by one nibble.
+
+YAML: ``compressor: {name: int4}`` or ``compressor: {name: int4, group_size: 64}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from slimfit_accel.compression.packing import (
+    absmax_scale,
+    as_groups,
+    from_groups,
+    pack_nibbles,
+    unpack_nibbles,
+)
+from slimfit_accel.hookspecs import SavedTensorContext, hookimpl
+
+
+class Int4Packed(NamedTuple):
+    nibbles: torch.Tensor  # uint8, two codes per byte
+    scale: torch.Tensor  # float32, one per group
+    width: int  # elements per group
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+@dataclass
+class Int4Scaled:
+    """Symmetric int4 (codes -7..7) with a stored absmax scale per row or per group.
+
+    Example::
+
+        c = Int4Scaled()
+        x = torch.randn(3, 5)          # 15 elements: packed into 8 bytes
+        y = c.unpack(c.pack(x, ctx))
+    """
+
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"int4: group_size must be a positive integer or null, got {self.group_size}")
+
+    def pack(self, tensor: torch.Tensor, ctx: SavedTensorContext | None = None) -> Int4Packed:
+        groups = as_groups(tensor, self.group_size)
+        scale = absmax_scale(groups, 7)
+        codes = torch.round(groups / scale).clamp_(-7, 7).add_(8).to(torch.uint8)
+        return Int4Packed(pack_nibbles(codes), scale, groups.shape[1], tensor.shape, tensor.dtype)
+
+    def unpack(self, packed: Int4Packed) -> torch.Tensor:
+        rows = packed.scale.shape[0]
+        codes = unpack_nibbles(packed.nibbles, rows * packed.width)
+        groups = codes.reshape(rows, packed.width).float().sub_(8) * packed.scale
+        return from_groups(groups, packed.shape, packed.dtype)
+
+
+@hookimpl
+def register_compressors(register) -> None:
+    register("int4", Int4Scaled)
