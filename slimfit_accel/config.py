@@ -6,6 +6,7 @@ Example (YAML)::
     units: {granularity: tensor, always_train: ["classifier.*"]}
     scorer: {name: weight_delta}
     scheduler: {name: ils, freeze_ratio: 0.9}
+    compression: slimfit
 
 Strategy sections hold ``name`` plus the strategy's own options; those options are checked
 against the strategy's signature when the strategy is built (``slimfit_accel.plugins``).
@@ -19,6 +20,7 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .compression.policy import CompressionPolicy
 from .errors import ConfigError
 
 
@@ -53,7 +55,12 @@ class UnitsConfig(BaseModel):
 
 
 class SlimFitConfig(BaseModel):
-    """The whole SlimFit config. ``compression`` is read by the activation compression engine."""
+    """The whole SlimFit config.
+
+    ``compression``: which saved activations are compressed and how: ``slimfit`` (SlimFit's
+    table with scaled int8/int4 formats, the default), ``reference`` (the reference's
+    fixed-point formats), ``none`` (off), or a policy mapping (``rules``, ``default``).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     seed: int = 0
@@ -62,7 +69,7 @@ class SlimFitConfig(BaseModel):
     scheduler: StrategySpec = Field(
         default_factory=lambda: StrategySpec(name="ils", freeze_ratio=0.9)
     )
-    compression: dict[str, Any] | None = None
+    compression: Literal["slimfit", "reference", "none"] | CompressionPolicy = "slimfit"
 
 
 def load_config(source: str | Path | Mapping[str, Any] | SlimFitConfig) -> SlimFitConfig:

@@ -26,7 +26,8 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .config import SlimFitConfig, load_config
+from .compression import CompressionEngine, CompressionPolicy, slimfit_policy, slimfit_reference_policy
+from .config import SlimFitConfig, StrategySpec, load_config
 from .controller import FreezeController
 from .errors import IntegrationError
 from .plugins import StrategyRegistry
@@ -44,6 +45,12 @@ class SlimFit:
         # Build the strategies now: a bad name or option fails before any model is touched.
         self.scorer = self.registry.build("scorer", config.scorer, where=f"{origin}: scorer")
         self.scheduler = self.registry.build("scheduler", config.scheduler, where=f"{origin}: scheduler")
+        self.policy = _compression_policy(config.compression)
+        if self.policy is not None:
+            for spec in [rule.compressor for rule in self.policy.rules] + [self.policy.default]:
+                self.registry.build("compressor", StrategySpec(name=spec.name, **spec.options), where=f"{origin}: compression")
+        self.compression: CompressionEngine | None = None
+        self.model: nn.Module | None = None
         self.units: UnitSet | None = None
         self.controller: FreezeController | None = None
         self.accelerator = None
@@ -73,6 +80,7 @@ class SlimFit:
         must be trainable then; freezing is applied per step afterwards.
         """
         self.units = discover_units(model, self.config.units)
+        self.model = model
         for unit in self.units.all:
             for param in unit.params:
                 param.requires_grad_(True)
@@ -91,17 +99,25 @@ class SlimFit:
             self.units, self.scorer, self.scheduler, self.registry, seed=self.config.seed, total_steps=total_steps
         )
         self.controller.bind(backend)
+        if self.policy is not None:
+            factories = {name: reg.factory for name, reg in self.registry.strategies["compressor"].items()}
+            self.compression = CompressionEngine(self.model, self.policy, compressors=factories).attach()
         if accelerator is not None:
             accelerator.register_for_checkpointing(self.controller)
         self.accelerator = accelerator
 
     @contextmanager
     def step(self) -> Iterator[None]:
-        """Wrap each micro-batch: applies this optimizer step's freeze decision before forward."""
+        """Wrap each micro-batch (forward and backward): applies this optimizer step's freeze
+        decision before the forward pass and compresses the activations saved for backward."""
         if self.controller is None:
             raise IntegrationError("call slimfit.attach(accelerator, model, optimizer) before training")
         self.controller.begin_step()
-        yield
+        if self.compression is None:
+            yield
+        else:
+            with self.compression.step():
+                yield
 
     def report(self) -> SlimFitReport:
         """What was frozen and trained so far; ``.render()`` gives a table, ``.to_dict()`` data."""
@@ -110,7 +126,10 @@ class SlimFit:
         return build_report(self.controller)
 
     def detach(self) -> None:
-        """Stop freezing: every unit trainable again, optimizer hooks removed."""
+        """Stop: every unit trainable again, optimizer and compression hooks removed."""
+        if self.compression is not None:
+            self.compression.detach()
+            self.compression = None
         if self.controller is not None:
             self.controller.unbind()
             for unit in self.units.all:
@@ -139,3 +158,9 @@ class SlimFit:
                 f"optimizer after slimfit.prepare_model(model), over model.parameters()."
             )
         return TorchStepBackend(torch_optimizer)
+
+
+def _compression_policy(setting: str | CompressionPolicy) -> CompressionPolicy | None:
+    if isinstance(setting, CompressionPolicy):
+        return setting
+    return {"slimfit": slimfit_policy, "reference": slimfit_reference_policy, "none": lambda: None}[setting]()
