@@ -44,6 +44,7 @@ from transformers import (  # noqa: E402
     get_linear_schedule_with_warmup,
 )
 
+from slimfit_accel import SlimFit  # noqa: E402
 from slimfit_accel.model_assets import default_model_path  # noqa: E402
 from slimfit_accel.rotten_tomatoes import LABEL_NAMES, load_rotten_tomatoes, tokenize_splits  # noqa: E402
 
@@ -117,6 +118,8 @@ def evaluate(accelerator: Accelerator, model, test_dl) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    # The SlimFit config first: a bad one fails here, before any data or model is loaded.
+    slimfit = None if args.no_slimfit else SlimFit.from_config(args.slimfit_config or default_slimfit_config())
     accelerator = build_accelerator(args.grad_accum, find_unused_parameters=not args.no_slimfit)
     if not accelerator.is_local_main_process:  # one copy of the logs and progress bars
         transformers.logging.set_verbosity_error()
@@ -141,11 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     # SlimFit wraps the model before `prepare`: DDP and ZeRO record every candidate as trainable.
-    slimfit = None
-    if not args.no_slimfit:
-        from slimfit_accel import SlimFit
-
-        slimfit = SlimFit.from_config(args.slimfit_config or default_slimfit_config())
+    if slimfit is not None:
         model = slimfit.prepare_model(model)
 
     # Optimizer steps per process: the prepared dataloader is sharded across processes, and
