@@ -1,0 +1,1 @@
+"""Integrations with training stacks beyond plain torch optimizers (DeepSpeed ZeRO)."""
