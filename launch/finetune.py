@@ -4,7 +4,7 @@
         --slimfit-config launch/configs/demo.yaml
 """
 
-from slimfit_accel.finetune import main
+from slimfit_accel.finetune import cli
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -24,6 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import math  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from importlib import resources  # noqa: E402
 
@@ -219,5 +220,16 @@ def main(argv: list[str] | None = None) -> dict:
     }
 
 
+def cli() -> None:
+    """``main`` for the command line: a bad config or setup exits 2 with one clear line."""
+    from slimfit_accel.errors import SlimFitError
+
+    try:
+        main()
+    except SlimFitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    main()
+    cli()
