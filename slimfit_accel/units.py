@@ -36,7 +36,7 @@ class Unit:
 
     @property
     def numel(self) -> int:
-        return sum(p.numel() for p in self.params)
+        return sum(full_numel(p) for p in self.params)
 
     @property
     def info(self) -> UnitInfo:
@@ -125,9 +125,18 @@ def find_blocks(model: nn.Module) -> list[str]:
     return [f"{stack}.{i}" if stack else str(i) for stack in stacks for i in range(len(model.get_submodule(stack)))]
 
 
+def full_shape(param: nn.Parameter) -> tuple[int, ...]:
+    """The parameter's real shape, also when DeepSpeed ZeRO-3 has partitioned it away."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def full_numel(param: nn.Parameter) -> int:
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
 def _is_weight_like(name: str, param: nn.Parameter, module: nn.Module) -> bool:
     """SlimFit's units: weights with more than one dimension, and norm scales."""
-    if param.dim() > 1:
+    if len(full_shape(param)) > 1:
         return True
     return name.rsplit(".", 1)[-1] == "weight" and "norm" in type(module).__name__.lower()
 
@@ -177,4 +186,4 @@ def _check_patterns(key: str, patterns: list[str], candidates, model_name: str, 
 
 def unit_bytes(units: tuple[Unit, ...] | list[Unit]) -> int:
     """Bytes of the units' parameters, as stored."""
-    return sum(p.numel() * p.element_size() for u in units for p in u.params)
+    return sum(full_numel(p) * p.element_size() for u in units for p in u.params)
