@@ -138,7 +138,9 @@ class SlimFit:
             self.controller = None
 
     def _backend(self, accelerator: Any, model: nn.Module, optimizer: Any) -> StepBackend:
-        if accelerator is not None and str(accelerator.distributed_type) in ("DistributedType.DEEPSPEED", "DEEPSPEED"):
+        from accelerate.utils import DistributedType
+
+        if accelerator is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
             from .integrations.deepspeed import ZeroStepBackend
 
             return ZeroStepBackend(accelerator.deepspeed_engine_wrapped.engine)
