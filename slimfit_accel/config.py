@@ -22,17 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .compression.policy import CompressionPolicy
 from .errors import ConfigError
-
-
-class StrategySpec(BaseModel):
-    """``{name: <strategy name>, <option>: <value>, ...}``."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-    name: str = Field(min_length=1)
-
-    @property
-    def options(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
+from .spec import StrategySpec
 
 
 class UnitsConfig(BaseModel):

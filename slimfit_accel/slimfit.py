@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .compression import CompressionEngine, CompressionPolicy, slimfit_policy, slimfit_reference_policy
-from .config import SlimFitConfig, StrategySpec, load_config
+from .config import SlimFitConfig, load_config
 from .controller import FreezeController
 from .errors import IntegrationError
 from .plugins import StrategyRegistry
@@ -48,7 +48,7 @@ class SlimFit:
         self.policy = _compression_policy(config.compression)
         if self.policy is not None:
             for spec in [rule.compressor for rule in self.policy.rules] + [self.policy.default]:
-                self.registry.build("compressor", StrategySpec(name=spec.name, **spec.options), where=f"{origin}: compression")
+                self.registry.build("compressor", spec, where=f"{origin}: compression")
         self.compression: CompressionEngine | None = None
         self.model: nn.Module | None = None
         self.units: UnitSet | None = None

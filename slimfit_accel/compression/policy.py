@@ -22,23 +22,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..hookspecs import SavedTensorContext
+from ..spec import StrategySpec
 
 
-class CompressorSpec(BaseModel):
-    """A compressor by plugin name plus its options, e.g. ``{name: int8, group_size: 64}``."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    name: str = Field(min_length=1)
-
-    @property
-    def options(self) -> dict[str, Any]:
-        """The keyword arguments for the compressor's factory (every key but ``name``)."""
-        return dict(self.model_extra or {})
-
-    def key(self) -> tuple:
-        """A hashable identity: equal specs share one compressor object."""
-        return (self.name, tuple(sorted((k, repr(v)) for k, v in self.options.items())))
+#: A compressor by plugin name plus its options, e.g. ``{name: int8, group_size: 64}``.
+CompressorSpec = StrategySpec
 
 
 class Rule(BaseModel):
