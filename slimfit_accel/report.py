@@ -10,11 +10,12 @@ from rich.console import Console
 from rich.table import Table
 
 from .controller import FreezeController
+from .memory import MemoryReport
 
 
 @dataclass
 class SlimFitReport:
-    """Freeze statistics after ``steps`` optimizer steps.
+    """Freeze statistics after ``steps`` optimizer steps, and memory by category.
 
     ``mean_trainable_fraction`` is the average share of schedulable elements trained per step;
     ``trained_steps`` counts, per unit, the steps it was trained in.
@@ -30,7 +31,7 @@ class SlimFitReport:
     never_trained_units: int
     trained_steps: dict[str, int] = field(default_factory=dict)
     scoring_snapshot_bytes_last_step: int = 0
-    memory: dict[str, Any] | None = None
+    memory: MemoryReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,10 +59,11 @@ class SlimFitReport:
             table.add_row(*row)
         out = io.StringIO()
         Console(file=out, width=width, force_terminal=False, color_system=None).print(table)
-        return out.getvalue()
+        text = out.getvalue()
+        return text + self.memory.render(width) if self.memory is not None else text
 
 
-def build_report(controller: FreezeController) -> SlimFitReport:
+def build_report(controller: FreezeController, memory: MemoryReport | None = None) -> SlimFitReport:
     stats = controller.stats
     return SlimFitReport(
         steps=stats.steps,
@@ -74,6 +76,7 @@ def build_report(controller: FreezeController) -> SlimFitReport:
         never_trained_units=sum(1 for n in stats.trained_steps.values() if n == 0),
         trained_steps=dict(stats.trained_steps),
         scoring_snapshot_bytes_last_step=controller.last_snapshot_bytes,
+        memory=memory,
     )
 
 

@@ -19,7 +19,7 @@ Example, in an Accelerate loop::
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -30,6 +30,7 @@ from .compression import CompressionEngine, CompressionPolicy, slimfit_policy, s
 from .config import SlimFitConfig, load_config
 from .controller import FreezeController
 from .errors import IntegrationError
+from .memory import MemoryMeter
 from .plugins import StrategyRegistry
 from .report import SlimFitReport, build_report
 from .stepping import StepBackend, TorchStepBackend
@@ -50,6 +51,7 @@ class SlimFit:
             for spec in [rule.compressor for rule in self.policy.rules] + [self.policy.default]:
                 self.registry.build("compressor", spec, where=f"{origin}: compression")
         self.compression: CompressionEngine | None = None
+        self.memory: MemoryMeter | None = None
         self.model: nn.Module | None = None
         self.units: UnitSet | None = None
         self.controller: FreezeController | None = None
@@ -102,6 +104,8 @@ class SlimFit:
         if self.policy is not None:
             factories = {name: reg.factory for name, reg in self.registry.strategies["compressor"].items()}
             self.compression = CompressionEngine(self.model, self.policy, compressors=factories).attach()
+        # Without compression the meter counts what autograd saves with an engine of its own.
+        self.memory = MemoryMeter(self.model, optimizer, engine=self.compression)
         if accelerator is not None:
             accelerator.register_for_checkpointing(self.controller)
         self.accelerator = accelerator
@@ -113,20 +117,24 @@ class SlimFit:
         if self.controller is None:
             raise IntegrationError("call slimfit.attach(accelerator, model, optimizer) before training")
         self.controller.begin_step()
-        if self.compression is None:
+        with ExitStack() as stack:
+            if self.compression is not None:
+                stack.enter_context(self.compression.step())
+            stack.enter_context(self.memory.step())
             yield
-        else:
-            with self.compression.step():
-                yield
 
     def report(self) -> SlimFitReport:
-        """What was frozen and trained so far; ``.render()`` gives a table, ``.to_dict()`` data."""
+        """What was frozen and trained, and memory by category (saved activations before and after
+        compression); ``.render()`` gives tables, ``.to_dict()`` the same as data."""
         if self.controller is None:
             raise IntegrationError("nothing to report: attach() was not called")
-        return build_report(self.controller)
+        return build_report(self.controller, self.memory.summary() if self.memory is not None else None)
 
     def detach(self) -> None:
         """Stop: every unit trainable again, optimizer and compression hooks removed."""
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
         if self.compression is not None:
             self.compression.detach()
             self.compression = None

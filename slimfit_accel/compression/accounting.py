@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -55,12 +55,17 @@ class StepStats:
 
 
 class ByteCounter:
-    """Running totals; the engine adds on pack and a packed holder releases when freed."""
+    """Running totals; the engine adds on pack and a packed holder releases when freed.
+
+    ``listeners`` are called with no arguments after every ``add`` (live totals only grow
+    there), e.g. by ``slimfit_accel.memory.MemoryMeter`` to follow the peak of all categories.
+    """
 
     def __init__(self) -> None:
         self.live_raw = 0
         self.live_packed = 0
         self.step = StepStats()
+        self.listeners: list[Callable[[], None]] = []
 
     def new_step(self) -> StepStats:
         """Start a new step (peaks start from what is still live) and return the finished one."""
@@ -82,6 +87,8 @@ class ByteCounter:
             step.peak_raw_bytes = self.live_raw
         if self.live_packed > step.peak_packed_bytes:
             step.peak_packed_bytes = self.live_packed
+        for listener in self.listeners:
+            listener()
 
     def release(self, raw: int, packed: int) -> None:
         self.live_raw -= raw

@@ -1,0 +1,402 @@
+"""Exact memory accounting of a training step, by category, on any device.
+
+Every figure is a sum of ``numel * element_size`` over real tensors, not an allocator estimate,
+so it means the same on CPU, CUDA or anything else:
+
+- ``params``: model parameters, each storage once (tied weights once); under DeepSpeed ZeRO-3 the
+  rank's partition (``param.ds_tensor``).
+- ``grads``: gradients alive, followed as backward creates them (post-accumulate-grad hooks) and
+  as they are freed (``zero_grad(set_to_none=True)``); the figure is the peak within the step.
+  Under DeepSpeed the fp32 partitions' gradients are counted at the optimizer step.
+- ``optimizer``: every tensor in the optimizer's state (Adam moments, step counts) plus
+  parameter copies the optimizer steps that are not model parameters (fp32 masters, DeepSpeed's
+  flat fp32 partitions). Accepts a torch optimizer, Accelerate's ``AcceleratedOptimizer`` and a
+  DeepSpeed ZeRO optimizer (anything with ``.optimizer`` down to a torch optimizer).
+- ``activations``: tensors autograd saves for backward, from a ``CompressionEngine``'s byte
+  counters: ``activations_raw`` is what autograd would keep, ``activations`` what is kept (after
+  compression). Without an engine of its own to read, the meter installs one that compresses
+  nothing and counts exactly what autograd saves.
+- ``total``: the peak within the step of params + optimizer + live grads + live activations,
+  updated whenever activations or gradients grow and after every optimizer step.
+- ``peak_cuda``: on CUDA, also ``torch.cuda.max_memory_allocated`` (reset at each step start),
+  which includes what the categories do not (temporaries, allocator rounding, workspaces).
+
+Example::
+
+    meter = MemoryMeter(model, optimizer)                 # or engine=slimfit.compression
+    for batch in loader:
+        with meter.step():
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    print(meter.last.total, meter.summary().render())
+    meter.close()
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import weakref
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .compression.engine import CompressionEngine
+from .compression.policy import CompressionPolicy
+
+CATEGORIES = ("params", "grads", "optimizer", "activations", "activations_raw", "total")
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _key(tensor: torch.Tensor) -> tuple[int, int]:
+    """Identity of the memory a tensor covers: two views of the same bytes count once."""
+    return (tensor.data_ptr(), _nbytes(tensor))
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters on this rank; shared storage and tied weights once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for param in model.parameters():
+        tensor = getattr(param, "ds_tensor", None)  # ZeRO-3: the local partition
+        tensor = tensor if isinstance(tensor, torch.Tensor) else param
+        key = _key(tensor)
+        if key not in seen:
+            seen.add(key)
+            total += _nbytes(tensor)
+    return total
+
+
+def optimizer_chain(optimizer: Any) -> list[Any]:
+    """``optimizer`` and what it wraps through ``.optimizer`` (Accelerate, DeepSpeed ZeRO)."""
+    chain = []
+    while optimizer is not None and all(optimizer is not seen for seen in chain):
+        chain.append(optimizer)
+        optimizer = getattr(optimizer, "optimizer", None)
+    return chain
+
+
+def innermost_torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+    torch_optimizers = [o for o in optimizer_chain(optimizer) if isinstance(o, torch.optim.Optimizer)]
+    return torch_optimizers[-1] if torch_optimizers else None
+
+
+def optimizer_bytes(optimizer: Any, model: nn.Module | None = None) -> int:
+    """Bytes of optimizer state: state tensors plus stepped copies that are not model parameters.
+
+    Counts the innermost torch optimizer's ``state`` and its ``param_groups`` tensors that are
+    not ``model``'s parameters (fp32 masters, DeepSpeed's flat partitions); each storage once.
+    """
+    inner = innermost_torch_optimizer(optimizer)
+    if inner is None:
+        return 0
+    model_keys = set()
+    if model is not None:
+        for param in model.parameters():
+            model_keys.add(_key(param))
+            partition = getattr(param, "ds_tensor", None)
+            if isinstance(partition, torch.Tensor):
+                model_keys.add(_key(partition))
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    candidates = [t for state in inner.state.values() for t in _tensors(state)]
+    candidates += [p for group in inner.param_groups for p in group["params"] if _key(p) not in model_keys]
+    for tensor in candidates:
+        key = _key(tensor)
+        if key not in seen and tensor.numel():
+            seen.add(key)
+            total += _nbytes(tensor)
+    return total
+
+
+def counting_engine(model: nn.Module) -> CompressionEngine:
+    """An engine that compresses nothing and counts exactly what autograd saves in ``model``."""
+    return CompressionEngine(model, CompressionPolicy(), swap_layernorm=False)
+
+
+@dataclass
+class StepMemory:
+    """Bytes of one step by category (see the module docstring); ``time_s`` is its wall time."""
+
+    step: int = 0
+    params: int = 0
+    grads: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    activations_raw: int = 0
+    total: int = 0
+    peak_cuda: int | None = None
+    time_s: float = 0.0
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.activations_raw / self.activations if self.activations else 1.0
+
+
+@dataclass
+class MemoryReport:
+    """``last``: the last step; ``peak``: each category's largest value over all steps."""
+
+    steps: int
+    last: StepMemory
+    peak: StepMemory
+    mean_step_time_s: float
+    by_compressor: dict[str, list[int]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def render(self, width: int = 100) -> str:
+        """A plain-text table for logs and terminals."""
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"Memory by category ({self.steps} steps)", show_header=True, header_style="bold")
+        table.add_column("category")
+        table.add_column("last step", justify="right")
+        table.add_column("peak over steps", justify="right")
+        rows = [
+            ("parameters", "params"),
+            ("gradients (peak live)", "grads"),
+            ("optimizer state", "optimizer"),
+            ("saved activations, raw (peak live)", "activations_raw"),
+            ("saved activations, stored (peak live)", "activations"),
+            ("total (peak of the sum)", "total"),
+        ]
+        for label, name in rows:
+            table.add_row(label, format_bytes(getattr(self.last, name)), format_bytes(getattr(self.peak, name)))
+        table.add_row("activation compression", f"{self.last.compression_ratio:.2f}x", f"{self.peak.compression_ratio:.2f}x")
+        if self.last.peak_cuda is not None:
+            table.add_row("CUDA allocator peak", format_bytes(self.last.peak_cuda), format_bytes(self.peak.peak_cuda or 0))
+        table.add_row("step time", f"{self.last.time_s:.3f} s", f"mean {self.mean_step_time_s:.3f} s")
+        out = io.StringIO()
+        Console(file=out, width=width, force_terminal=False, color_system=None).print(table)
+        return out.getvalue()
+
+
+class _GradTracker:
+    """Live gradient bytes: added when backward sets a new ``.grad``, released when it is freed."""
+
+    def __init__(self, on_grow):
+        self.live = 0
+        self._on_grow = on_grow
+        self._grads: dict[int, weakref.ref] = {}  # id(param) -> its grad we count
+        self._handles: dict[int, Any] = {}
+
+    def watch(self, params) -> None:
+        """Hook every parameter not hooked yet, frozen or not (freezing changes per step, and the
+        hook stays through ``requires_grad`` changes); count gradients that already exist."""
+        for param in params:
+            if id(param) not in self._handles:
+                frozen = not param.requires_grad
+                if frozen:  # torch only hooks tensors that require grad: flip it for the call
+                    param.requires_grad_(True)
+                try:
+                    self._handles[id(param)] = param.register_post_accumulate_grad_hook(self._accumulated)
+                finally:
+                    if frozen:
+                        param.requires_grad_(False)
+            if param.grad is not None:
+                self._count(param)
+
+    def _accumulated(self, param: torch.Tensor) -> None:
+        if self._count(param):
+            self._on_grow()
+
+    def _count(self, param: torch.Tensor) -> bool:
+        grad = param.grad
+        ref = self._grads.get(id(param))
+        if grad is None or (ref is not None and ref() is grad):
+            return False  # accumulated in place: same bytes
+        nbytes = _nbytes(grad)
+        self.live += nbytes
+        self._grads[id(param)] = weakref.ref(grad)
+        weakref.finalize(grad, self._release, nbytes)
+        return True
+
+    def _release(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles.clear()
+
+
+class MemoryMeter:
+    """Measures each training step by category, exactly; see the module docstring.
+
+    ``engine``: the ``CompressionEngine`` whose counters give the saved activations (e.g.
+    ``slimfit.compression``); whoever owns it enters its ``step()``. Without one, the meter makes
+    a counting engine (no compression, stock LayerNorm) and enters it in ``step()`` itself; pass
+    ``count_activations=False`` to count no activations at all.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Any = None,
+        engine: CompressionEngine | None = None,
+        *,
+        count_activations: bool = True,
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self._own_engine = engine is None and count_activations
+        self.engine = counting_engine(model).attach() if self._own_engine else engine
+        self._counter = self.engine._counter if self.engine is not None else None  # noqa: SLF001 (engine's byte counter)
+        self._grads = _GradTracker(self._update)
+        self._opt_handles: list[Any] = []
+        self._params = 0
+        self._optimizer = 0
+        self._extra_grads = 0  # gradients of optimizer-owned copies (DeepSpeed fp32 partitions)
+        self._current: StepMemory | None = None
+        self._steps = 0
+        self._time_sum = 0.0
+        self._peak = StepMemory()
+        self.last: StepMemory | None = None
+        self._by_compressor: dict[str, list[int]] = {}
+        if self._counter is not None:
+            self._counter.listeners.append(self._update)
+        inner = innermost_torch_optimizer(optimizer) if optimizer is not None else None
+        if inner is not None:
+            self._opt_handles = [
+                inner.register_step_pre_hook(lambda *_: self._optimizer_step_start(inner)),
+                inner.register_step_post_hook(lambda *_: self._optimizer_step_end()),
+            ]
+
+    # ---------------------------------------------------------------- the step
+    @contextmanager
+    def step(self) -> Iterator[StepMemory]:
+        """Measure the block (forward, backward, optimizer step) as one step."""
+        device = self._device()
+        cuda = device is not None and device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        self._params = parameter_bytes(self.model)
+        self._optimizer = optimizer_bytes(self.optimizer, self.model) if self.optimizer is not None else 0
+        self._extra_grads = 0
+        self._grads.watch(self.model.parameters())
+        current = self._current = StepMemory(step=self._steps, params=self._params, optimizer=self._optimizer)
+        self._update()
+        start = time.perf_counter()
+        with ExitStack() as stack:
+            if self._own_engine:
+                stack.enter_context(self.engine.step())
+            try:
+                yield current
+            finally:
+                if cuda:
+                    torch.cuda.synchronize(device)
+                current.time_s = time.perf_counter() - start
+                self._update()
+                if cuda:
+                    current.peak_cuda = int(torch.cuda.max_memory_allocated(device))
+                if self.engine is not None:
+                    self._by_compressor = {k: list(v) for k, v in self.engine.stats.by_compressor.items()}
+                self._current = None
+                self._finish(current)
+
+    def summary(self) -> MemoryReport:
+        """Last step and per-category peak over all steps measured so far."""
+        last = self.last or StepMemory()
+        mean = self._time_sum / self._steps if self._steps else 0.0
+        return MemoryReport(steps=self._steps, last=last, peak=self._peak, mean_step_time_s=mean, by_compressor=self._by_compressor)
+
+    def close(self) -> None:
+        """Remove every hook (and the meter's own engine)."""
+        self._grads.close()
+        for handle in self._opt_handles:
+            handle.remove()
+        self._opt_handles = []
+        if self._counter is not None and self._update in self._counter.listeners:
+            self._counter.listeners.remove(self._update)
+        if self._own_engine and self.engine is not None:
+            self.engine.detach()
+
+    # ---------------------------------------------------------------- internals
+    def _update(self) -> None:
+        current = self._current
+        if current is None:
+            return
+        grads = self._grads.live + self._extra_grads
+        live_packed = self._counter.live_packed if self._counter is not None else 0
+        live_raw = self._counter.live_raw if self._counter is not None else 0
+        if grads > current.grads:
+            current.grads = grads
+        if live_packed > current.activations:
+            current.activations = live_packed
+        if live_raw > current.activations_raw:
+            current.activations_raw = live_raw
+        total = self._params + self._optimizer + grads + live_packed
+        if total > current.total:
+            current.total = total
+
+    def _optimizer_step_start(self, inner: torch.optim.Optimizer) -> None:
+        # Gradients of stepped copies that are not model parameters (DeepSpeed's fp32
+        # partitions): not seen by the parameter hooks, alive for the optimizer step.
+        model_keys = {_key(p) for p in self.model.parameters()}
+        seen: set[tuple[int, int]] = set()
+        extra = 0
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and _key(p) not in model_keys and _key(p.grad) not in seen:
+                    seen.add(_key(p.grad))
+                    extra += _nbytes(p.grad)
+        self._extra_grads = extra
+        self._update()
+
+    def _optimizer_step_end(self) -> None:
+        # Optimizer state is created lazily in the first step, while the gradients are alive.
+        self._optimizer = optimizer_bytes(self.optimizer, self.model)
+        if self._current is not None:
+            self._current.optimizer = max(self._current.optimizer, self._optimizer)
+        self._update()
+        self._extra_grads = 0
+
+    def _finish(self, current: StepMemory) -> None:
+        self.last = current
+        self._steps += 1
+        self._time_sum += current.time_s
+        peak = self._peak
+        for f in fields(StepMemory):
+            if f.name in ("step", "time_s"):
+                continue
+            value = getattr(current, f.name)
+            if value is not None and (getattr(peak, f.name) is None or value > getattr(peak, f.name)):
+                setattr(peak, f.name, value)
+        peak.step = current.step
+        peak.time_s = max(peak.time_s, current.time_s)
+
+    def _device(self) -> torch.device | None:
+        for param in self.model.parameters():
+            return param.device
+        return None
+
+
+def format_bytes(n: int | float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n} B"
