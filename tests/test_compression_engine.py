@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from slimfit_accel.compression import CompressionEngine, CompressionPolicy, Rule, compressed_activations, slimfit_policy
+from slimfit_accel.compression import installed_compressor_factories, CompressionEngine, CompressionPolicy, Rule, compressed_activations, slimfit_policy
 from slimfit_accel.compression.layernorm import swap_layernorms
 from slimfit_accel.strategies.compression.fixed_point import FixedPoint, SlimFitAttentionFixed
 from slimfit_accel.strategies.compression.int4 import Int4Scaled
@@ -19,8 +19,7 @@ from slimfit_accel.strategies.compression.topk import TopK
 
 transformers = pytest.importorskip("transformers")
 
-FACTORIES = {"none": NoCompression, "int8": Int8Scaled, "int4": Int4Scaled, "fixed_point": FixedPoint,
-             "slimfit_attention": SlimFitAttentionFixed, "topk": TopK}
+FACTORIES = installed_compressor_factories()  # the built-ins, through the real plugin registry
 
 
 @dataclass

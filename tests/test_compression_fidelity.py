@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimfit_accel.compression import CompressionPolicy, Rule, compressed_activations, slimfit_policy
+from slimfit_accel.compression import installed_compressor_factories, CompressionPolicy, Rule, compressed_activations, slimfit_policy
 from slimfit_accel.compression.policy import ATTENTION_TYPES, FFN_DOWN_PATHS, GELU_TYPES
 from slimfit_accel.strategies.compression.fixed_point import FixedPoint, SlimFitAttentionFixed
 from slimfit_accel.strategies.compression.int4 import Int4Scaled
@@ -21,8 +21,7 @@ from slimfit_accel.strategies.compression.topk import TopK
 
 transformers = pytest.importorskip("transformers")
 
-FACTORIES = {"none": NoCompression, "int8": Int8Scaled, "int4": Int4Scaled, "fixed_point": FixedPoint,
-             "slimfit_attention": SlimFitAttentionFixed, "topk": TopK}
+FACTORIES = installed_compressor_factories()  # the built-ins, through the real plugin registry
 SEEDS = (0, 1, 2)
 
 

@@ -76,4 +76,4 @@ def test_engine_names_unknown_compressors_and_bad_options():
 def test_installed_plugins_provide_every_builtin_compressor():
     from slimfit_accel.compression import installed_compressor_factories
 
-    assert {"none", "int8", "int4", "fixed_point", "slimfit_attention", "topk"} <= set(installed_compressor_factories())
+    assert {"none", "int8", "int4", "fixed_point", "slimfit_attention", "topk", "bitmask"} <= set(installed_compressor_factories())

@@ -97,11 +97,14 @@ class CompressionPolicy(BaseModel):
 FFN_DOWN_PATHS = ("*.output.dense", "*.mlp.c_proj", "*.mlp.down_proj", "*.fc2", "*.mlp.dense_4h_to_h")
 ATTENTION_TYPES = "*Attention"
 GELU_TYPES = "*GELU*"
+DROPOUT_TYPES = "*Dropout*"
 
 
 def _policy(gelu: dict, attention: dict, layernorm: dict, ffn_down: dict) -> CompressionPolicy:
     return CompressionPolicy(
         rules=(
+            # Dropout masks (float 0 or 1/(1-p) on CPU) are stored exactly, one bit an element.
+            Rule(module_type=DROPOUT_TYPES, compressor=CompressorSpec(name="bitmask")),
             Rule(module_type=GELU_TYPES, compressor=CompressorSpec(**gelu)),
             Rule(module_type=ATTENTION_TYPES, compressor=CompressorSpec(**attention)),
             Rule(module_type="*LayerNorm", role="normalized", when="frozen", compressor=CompressorSpec(**layernorm)),
@@ -116,6 +119,7 @@ def slimfit_policy() -> CompressionPolicy:
     ======================================  ==========  ==================================
     saved tensor                            when        compressor
     ======================================  ==========  ==================================
+    dropout mask (``*Dropout*`` modules)    any         bitmask (exact, 1 bit an element)
     GELU input (``*GELU*`` modules)         any         int4, one scale per row
     attention operands (``*Attention``)     any         int8, one scale per row
     LayerNorm normalized output             frozen      topk, keep 10%
