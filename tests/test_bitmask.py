@@ -41,3 +41,13 @@ def test_non_mask_tensors_pass_through_unchanged():
     assert Bitmask().pack(two_values) is two_values
     negative = torch.tensor([0.0, -1.5, -1.5])
     assert torch.equal(Bitmask().unpack(Bitmask().pack(negative)), negative)
+
+
+def test_fallback_int8_packs_what_is_not_a_mask():
+    compressor = Bitmask(fallback="int8")
+    mask = dropout_mask((6, 10))
+    assert torch.equal(compressor.unpack(compressor.pack(mask)), mask)
+    x = torch.randn(6, 10)
+    packed = compressor.pack(x)
+    assert packed_bytes(packed) == 60 + 6 * 4  # int8 codes + one float32 scale per row
+    assert torch.allclose(compressor.unpack(packed), x, atol=x.abs().max().item() / 127)

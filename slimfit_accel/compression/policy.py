@@ -121,7 +121,8 @@ def slimfit_policy() -> CompressionPolicy:
     ======================================  ==========  ==================================
     dropout mask (``*Dropout*`` modules)    any         bitmask (exact, 1 bit an element)
     GELU input (``*GELU*`` modules)         any         int4, one scale per row
-    attention operands (``*Attention``)     any         int8, one scale per row
+    attention operands (``*Attention``)     any         int8, one scale per row (its dropout
+                                                        mask: bitmask)
     LayerNorm normalized output             frozen      topk, keep 10%
     FFN down-projection input               any         int8, one scale per row
     everything else                         any         none
@@ -129,7 +130,8 @@ def slimfit_policy() -> CompressionPolicy:
     """
     return _policy(
         gelu={"name": "int4"},
-        attention={"name": "int8"},
+        # attention also saves its dropout mask: exact bits for it, int8 for the operands
+        attention={"name": "bitmask", "fallback": "int8"},
         layernorm={"name": "topk", "keep": 0.1},
         ffn_down={"name": "int8"},
     )
