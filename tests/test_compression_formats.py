@@ -74,14 +74,25 @@ def test_fixed_point_formats_match_the_reference():
     assert (attention.unpack((is_probability, inner)) - probs).abs().max() <= 1 / 512 + 1e-6
 
 
-def test_topk_keeps_the_largest_fraction():
+def test_topk_tensor_scope_keeps_the_largest_fraction_globally():
     x = torch.randn(10, 20)
-    packed = TopK(0.1).pack(x, CTX)
-    y = TopK(0.1).unpack(packed)
+    packed = TopK(0.1, scope="tensor").pack(x, CTX)
+    y = TopK(0.1, scope="tensor").unpack(packed)
     assert int((y != 0).sum()) == 20
     threshold = x.abs().flatten().kthvalue(200 - 20).values
     assert torch.equal(y[y != 0], x[x.abs() > threshold])
     assert packed.indices.dtype == torch.int32 and packed_bytes(packed) == 20 * 4 + 20 * 4
+
+
+def test_topk_row_scope_keeps_the_largest_fraction_of_each_row():
+    x = torch.randn(10, 20)
+    packed = TopK(0.1).pack(x, CTX)
+    y = TopK(0.1).unpack(packed)
+    assert ((y != 0).sum(dim=1) == 2).all()
+    threshold = x.abs().kthvalue(20 - 2, dim=1, keepdim=True).values
+    assert torch.equal(y != 0, x.abs() > threshold)
+    assert torch.equal(y[y != 0], x[y != 0])
+    assert packed.indices.dtype == torch.int16 and packed_bytes(packed) == 20 * 4 + 20 * 2
 
 
 def test_none_returns_the_tensor_itself():

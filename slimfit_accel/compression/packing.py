@@ -39,7 +39,7 @@ def absmax_scale(groups: torch.Tensor, qmax: int) -> torch.Tensor:
 
     All-zero groups get scale 1 (any value decodes them), so division never makes NaN.
     """
-    scale = groups.abs().amax(dim=1, keepdim=True) / qmax
+    scale = groups.abs().amax(dim=1, keepdim=True).div_(qmax)
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 

@@ -20,6 +20,7 @@ from slimfit_accel.hookspecs import SavedTensorContext, hookimpl
 from slimfit_accel.strategies.compression.int8 import Int8Scaled
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+_PROBE = 4096  # elements looked at before the full check
 
 
 class BitmaskPacked(NamedTuple):
@@ -48,14 +49,30 @@ class Bitmask:
         flat = tensor.detach().reshape(-1)
         if flat.numel() == 0 or not (tensor.is_floating_point() or tensor.dtype == torch.bool):
             return None
-        nonzero = flat != 0
-        value = flat.abs().amax() if flat.dtype != torch.bool else torch.ones((), dtype=torch.bool, device=flat.device)
-        value = torch.where(nonzero.any(), flat[nonzero.to(torch.int8).argmax()], value)
-        if not bool((flat == value).logical_or_(~nonzero).all()):  # not a 0/c mask
-            return None
-        pad = (-flat.numel()) % 8
-        bits = torch.nn.functional.pad(nonzero.to(torch.uint8), (0, pad)).reshape(-1, 8)
-        packed = (bits * _BIT_WEIGHTS.to(bits.device)).sum(dim=1, dtype=torch.uint8)
+        if flat.dtype == torch.bool:
+            nonzero, value = flat, torch.ones((), dtype=torch.bool, device=flat.device)
+        else:
+            # Cheap rejection first: most tensors offered here are not masks, and a few
+            # thousand elements tell (two distinct non-zero values there settle it).
+            head = flat[:_PROBE]
+            head_nonzero = head[head != 0]
+            if head_nonzero.numel() and not bool((head_nonzero == head_nonzero[0]).all()):
+                return None
+            nonzero = flat != 0
+            if not bool(nonzero.any()):
+                value = torch.zeros((), dtype=flat.dtype, device=flat.device)
+            else:
+                value = head_nonzero[0] if head_nonzero.numel() else flat[nonzero.byte().argmax()]
+                if not torch.equal(flat == value, nonzero):  # some non-zero differs from c
+                    return None
+        codes = nonzero.view(torch.uint8)
+        pad = (-codes.numel()) % 8
+        if pad:
+            codes = torch.nn.functional.pad(codes, (0, pad))
+        columns = codes.reshape(-1, 8)
+        packed = columns[:, 0].clone()
+        for bit in range(1, 8):
+            packed.bitwise_or_(columns[:, bit] << bit)
         return BitmaskPacked(packed, value.to(tensor.dtype).clone(), tensor.shape)
 
     def unpack(self, packed: Any) -> torch.Tensor:

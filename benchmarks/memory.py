@@ -1,0 +1,299 @@
+"""Memory by category of fine-tuning arms, side by side on the same model, batch and data.
+
+Arms: full fine-tuning; full with activation checkpointing; LoRA (PEFT, r=8 on query/key/value);
+LISA-style random layers (2 blocks, switched every 20 steps); SlimFit freezing only; SlimFit
+freezing plus the default compression; on CUDA also activation offloading (saved tensors moved
+to pinned host memory, as torchtune and TRL do). Every arm gets a fresh model from the same seed
+and the same random token ids; bytes come from ``slimfit_accel.memory.MemoryMeter`` (exact
+tensor sizes), the figures of an arm are the largest over its measured steps, and the step time
+is their mean.
+
+Quick check::
+
+    python benchmarks/memory.py --layers 2 --hidden 128 --heads 2 --intermediate 512 \
+        --batch 8 --seq-len 32 --json /tmp/memory.json
+
+Full run (BERT-base geometry, CPU: about an hour)::
+
+    python benchmarks/memory.py --json benchmarks/results/cpu_bert_base.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from slimfit_accel import SlimFit  # noqa: E402
+from slimfit_accel.compression import CompressionEngine, CompressionPolicy, CompressorSpec  # noqa: E402
+from slimfit_accel.memory import MemoryMeter, format_bytes  # noqa: E402
+
+ARMS = ["full", "full_checkpointing", "lora", "lisa", "slimfit_freeze", "slimfit_compress"]
+CUDA_ARMS = ["full_offload"]
+
+
+def build_model(args: argparse.Namespace, device: torch.device):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(args.seed)
+    config = BertConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, intermediate_size=args.intermediate,
+        max_position_embeddings=max(512, args.seq_len), num_labels=2,
+    )
+    return BertForSequenceClassification(config).to(device).train()
+
+
+def make_batch(args: argparse.Namespace, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(args.seed)
+    return {
+        "input_ids": torch.randint(0, args.vocab, (batch, args.seq_len), generator=generator).to(device),
+        "labels": torch.randint(0, 2, (batch,), generator=generator).to(device),
+    }
+
+
+def adamw(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-5)
+
+
+class _HostCopy:
+    """A saved tensor moved to host memory. Not a tensor, so the engine counts it as 0 device bytes."""
+
+    __slots__ = ("tensor", "device")
+
+    def __init__(self, tensor: torch.Tensor, device: torch.device):
+        self.tensor, self.device = tensor, device
+
+
+class HostOffload:
+    """Compressor that moves saved tensors to (pinned) host memory, like ``save_on_cpu``."""
+
+    def pack(self, tensor: torch.Tensor, ctx: Any = None) -> _HostCopy:
+        host = torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+        host.copy_(tensor, non_blocking=tensor.is_cuda)
+        return _HostCopy(host, tensor.device)
+
+    def unpack(self, packed: _HostCopy) -> torch.Tensor:
+        return packed.tensor.to(packed.device, non_blocking=True)
+
+
+# ------------------------------------------------------------------------------------- arms
+# Each returns (model, optimizer, meter, step context factory, cleanup, whether the step
+# context already runs the meter: SlimFit's step() enters its own meter, ``slimfit.memory``).
+def arm_full(args, device):
+    model = build_model(args, device)
+    optimizer = adamw(model.parameters())
+    return model, optimizer, MemoryMeter(model, optimizer), None, None, False
+
+
+def arm_full_checkpointing(args, device):
+    model = build_model(args, device)
+    # Reentrant checkpointing saves the block inputs through autograd and recomputes each block
+    # with grad enabled in backward, inside the meter's counting hooks: the recomputed block's
+    # saved tensors are counted while they are alive. (Non-reentrant checkpointing keeps them
+    # out of reach of outer saved-tensor hooks, so they could not be counted.)
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5 name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    optimizer = adamw(model.parameters())
+    return model, optimizer, MemoryMeter(model, optimizer), None, None, False
+
+
+def arm_lora(args, device):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        build_model(args, device), LoraConfig(r=8, lora_alpha=16, target_modules=["query", "key", "value"], task_type="SEQ_CLS")
+    )
+    optimizer = adamw(model.parameters())
+    return model, optimizer, MemoryMeter(model, optimizer), None, None, False
+
+
+def _slimfit_arm(args, device, config: dict):
+    model = build_model(args, device)
+    slimfit = SlimFit.from_config(config)
+    model = slimfit.prepare_model(model)
+    optimizer = adamw(model.parameters())
+    slimfit.attach(None, model, optimizer)
+    # slimfit.step() runs slimfit.memory (without compression it counts what autograd saves)
+    return model, optimizer, slimfit.memory, slimfit.step, slimfit.detach, True
+
+
+def arm_lisa(args, device):
+    return _slimfit_arm(args, device, {"seed": args.seed, "scheduler": {"name": "random_layers", "n_blocks": 2, "interval": 20}, "compression": "none"})
+
+
+def arm_slimfit_freeze(args, device):
+    return _slimfit_arm(args, device, {"seed": args.seed, "scheduler": {"name": "ils", "freeze_ratio": args.freeze_ratio}, "compression": "none"})
+
+
+def arm_slimfit_compress(args, device):
+    return _slimfit_arm(args, device, {"seed": args.seed, "scheduler": {"name": "ils", "freeze_ratio": args.freeze_ratio}, "compression": "slimfit"})
+
+
+def arm_full_offload(args, device):
+    model = build_model(args, device)
+    optimizer = adamw(model.parameters())
+    policy = CompressionPolicy(default=CompressorSpec(name="host_offload"), min_numel=0)
+    engine = CompressionEngine(model, policy, compressors={"host_offload": HostOffload}, swap_layernorm=False).attach()
+    return model, optimizer, MemoryMeter(model, optimizer, engine), engine.step, engine.detach, False
+
+
+ARM_BUILDERS: dict[str, Callable] = {name: globals()[f"arm_{name}"] for name in ARMS + CUDA_ARMS}
+
+
+# ------------------------------------------------------------------------------------- running
+def full_adamw_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """AdamW state once every parameter in it has been stepped: two moments + a 4-byte step each."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return sum(2 * p.numel() * p.element_size() + 4 for p in params)
+
+
+def run_arm(name: str, args: argparse.Namespace, batch_size: int, device: torch.device) -> dict[str, Any]:
+    model, optimizer, meter, step_ctx, cleanup, metered = ARM_BUILDERS[name](args, device)
+    batch = make_batch(args, batch_size, device)
+    measured, times = [], []
+    for index in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()  # the whole step, freeze decision included
+        with ExitStack() as stack:
+            if not metered:
+                stack.enter_context(meter.step())
+            if step_ctx is not None:
+                stack.enter_context(step_ctx())
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+        if index >= args.warmup:
+            measured.append(meter.last)
+            times.append(elapsed)
+        print(f"  {name} batch {batch_size} step {index}: {elapsed:.1f} s, total {format_bytes(meter.last.total)}", flush=True)
+    peak = {key: max(getattr(m, key) for m in measured) for key in ("params", "grads", "optimizer", "activations", "activations_raw", "total")}
+    cuda_peaks = [m.peak_cuda for m in measured if m.peak_cuda is not None]
+    full_state = full_adamw_state_bytes(optimizer)
+    result = {
+        "name": name,
+        "batch": batch_size,
+        "bytes": {k: peak[k] for k in ("params", "grads", "optimizer", "activations", "total")},
+        "step_time_s": sum(times) / len(times),
+        "peak_cuda_bytes": max(cuda_peaks) if cuda_peaks else None,
+        # extras
+        "activations_raw_bytes": peak["activations_raw"],
+        "step_times_s": times,
+        "trainable_params": sum(p.numel() for group in optimizer.param_groups for p in group["params"]),
+        # Few steps understate the optimizer state of arms that train a subset per step (it grows
+        # as more units are trained and is never released): the figure once all are stepped.
+        "optimizer_full_state_bytes": full_state,
+        "total_full_state_bytes": peak["total"] - peak["optimizer"] + full_state,
+        "by_compressor": meter.summary().by_compressor,
+    }
+    meter.close()
+    if cleanup is not None:
+        cleanup()
+    del model, optimizer, meter, batch, measured, step_ctx, cleanup
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def render_table(arms: list[dict[str, Any]], width: int = 150) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console(width=width, force_terminal=False, color_system=None, record=True, file=open(os.devnull, "w"))
+    for batch_size in sorted({a["batch"] for a in arms}):
+        rows = [a for a in arms if a["batch"] == batch_size]
+        full = next((a for a in rows if a["name"] == "full"), None)
+        table = Table(title=f"batch {batch_size}: bytes by category (x = full fine-tuning / arm)", header_style="bold")
+        for column in ("arm", "params", "grads", "optimizer", "act. raw", "act. stored", "act. x", "total", "total x", "step s", "time / full"):
+            table.add_column(column, justify="left" if column == "arm" else "right")
+        if rows and rows[0]["peak_cuda_bytes"] is not None:
+            table.add_column("CUDA peak", justify="right")
+        for a in rows:
+            b = a["bytes"]
+            cells = [
+                a["name"], format_bytes(b["params"]), format_bytes(b["grads"]), format_bytes(b["optimizer"]),
+                format_bytes(a["activations_raw_bytes"]), format_bytes(b["activations"]),
+                _ratio(full["bytes"]["activations"], b["activations"]) if full else "-",
+                format_bytes(b["total"]),
+                _ratio(full["bytes"]["total"], b["total"]) if full else "-",
+                f"{a['step_time_s']:.2f}",
+                f"{a['step_time_s'] / full['step_time_s']:.2f}" if full else "-",
+            ]
+            if a["peak_cuda_bytes"] is not None:
+                cells.append(format_bytes(a["peak_cuda_bytes"]))
+            table.add_row(*cells)
+        out.print(table)
+    return out.export_text()
+
+
+def _ratio(numerator: int, denominator: int) -> str:
+    return f"{numerator / denominator:.2f}x" if denominator else "inf"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--intermediate", type=int, default=3072)
+    parser.add_argument("--vocab", type=int, default=30522)
+    parser.add_argument("--freeze-ratio", type=float, default=0.9)
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps per arm")
+    parser.add_argument("--steps", type=int, default=2, help="measured steps per arm")
+    parser.add_argument("--arms", nargs="+", default=None, help=f"subset of {ARMS + CUDA_ARMS}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, default=None, help="write results here after every arm")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    arms = args.arms or (ARMS + (CUDA_ARMS if device.type == "cuda" else []))
+    unknown = set(arms) - set(ARM_BUILDERS)
+    if unknown:
+        parser.error(f"unknown arms {sorted(unknown)}; choose from {ARMS + CUDA_ARMS}")
+    config = {
+        "model": "bert (random init)", "layers": args.layers, "hidden": args.hidden, "heads": args.heads,
+        "intermediate": args.intermediate, "vocab": args.vocab, "seq_len": args.seq_len, "batches": args.batch,
+        "freeze_ratio": args.freeze_ratio, "optimizer": "AdamW fp32", "warmup_steps": args.warmup,
+        "measured_steps": args.steps, "device": str(device), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "host": platform.node(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    results: list[dict[str, Any]] = []
+    for batch_size in args.batch:
+        for name in arms:
+            print(f"arm {name}, batch {batch_size}", flush=True)
+            results.append(run_arm(name, args, batch_size, device))
+            if args.json is not None:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps({"config": config, "arms": results}, indent=2))
+    print(render_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
