@@ -43,8 +43,10 @@ def test_default_policy_follows_the_slimfit_table():
     pick = lambda *a: policy.select(ctx(*a))  # noqa: E731
     assert pick("enc.layer.0.intermediate.intermediate_act_fn", "GELUActivation").name == "int4"
     assert pick("h.0.mlp.act", "NewGELUActivation").name == "int4"
-    assert pick("enc.layer.0.attention.self", "BertSelfAttention").name == "int8"
-    assert pick("h.0.attn", "GPT2Attention").name == "int8"
+    attention = pick("enc.layer.0.attention.self", "BertSelfAttention")
+    assert (attention.name, attention.options) == ("bitmask", {"fallback": "int8"})  # masks as bits
+    assert pick("h.0.attn", "GPT2Attention") == attention
+    assert pick("enc.layer.0.output.dropout", "Dropout").name == "bitmask"
     assert pick("enc.layer.0.output.LayerNorm", "LayerNorm", "normalized", True).name == "topk"
     assert pick("enc.layer.0.output.LayerNorm", "LayerNorm", "normalized", False).name == "none"
     assert pick("enc.layer.0.output.dense", "Linear", "input").name == "int8"  # FFN down, BERT/ViT
