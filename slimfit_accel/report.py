@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .controller import FreezeController
-from .memory import MemoryReport
+from .memory import MemoryReport, format_bytes
 
 
 @dataclass
@@ -50,7 +50,7 @@ class SlimFitReport:
             ("frozen at the last step", f"{self.schedulable_units - self.trainable_units_last_step}"),
             ("mean trainable share of unit weights", f"{self.mean_trainable_fraction:.1%}"),
             ("units never trained", f"{self.never_trained_units}"),
-            ("scorer snapshot, last step", _bytes(self.scoring_snapshot_bytes_last_step)),
+            ("scorer snapshot, last step", format_bytes(self.scoring_snapshot_bytes_last_step)),
         ]
         if self.trained_steps:
             counts = sorted(self.trained_steps.values())
@@ -78,11 +78,3 @@ def build_report(controller: FreezeController, memory: MemoryReport | None = Non
         scoring_snapshot_bytes_last_step=controller.last_snapshot_bytes,
         memory=memory,
     )
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n} B"

@@ -11,11 +11,8 @@ from torch import nn
 
 from slimfit_accel.compression import installed_compressor_factories, CompressionEngine, CompressionPolicy, Rule, compressed_activations, slimfit_policy
 from slimfit_accel.compression.layernorm import swap_layernorms
-from slimfit_accel.strategies.compression.fixed_point import FixedPoint, SlimFitAttentionFixed
-from slimfit_accel.strategies.compression.int4 import Int4Scaled
 from slimfit_accel.strategies.compression.int8 import Int8Scaled
 from slimfit_accel.strategies.compression.none import NoCompression
-from slimfit_accel.strategies.compression.topk import TopK
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,11 +13,6 @@ import torch
 
 from slimfit_accel.compression import installed_compressor_factories, CompressionPolicy, Rule, compressed_activations, slimfit_policy
 from slimfit_accel.compression.policy import ATTENTION_TYPES, FFN_DOWN_PATHS, GELU_TYPES
-from slimfit_accel.strategies.compression.fixed_point import FixedPoint, SlimFitAttentionFixed
-from slimfit_accel.strategies.compression.int4 import Int4Scaled
-from slimfit_accel.strategies.compression.int8 import Int8Scaled
-from slimfit_accel.strategies.compression.none import NoCompression
-from slimfit_accel.strategies.compression.topk import TopK
 
 transformers = pytest.importorskip("transformers")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 
 from slimfit_accel import UnitsConfig
 from slimfit_accel.hookspecs import ScheduleContext, UnitInfo
