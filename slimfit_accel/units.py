@@ -100,15 +100,47 @@ def discover_units(model: nn.Module, config: UnitsConfig) -> UnitSet:
             f"units: no freezable unit found in {model_name} with include={config.include} "
             f"exclude={config.exclude}. Widen the include patterns."
         )
-    _check_patterns("units.always_train", config.always_train, units, model_name, "unit")
-    always = tuple(u for u in units if any(u.matches(p) for p in config.always_train))
+    always_train = expand_head(model, config.always_train)
+    _check_patterns("units.always_train", always_train, units, model_name, "unit")
+    always = tuple(u for u in units if any(u.matches(p) for p in always_train))
     schedulable = tuple(u for u in units if u not in always)
     if not schedulable:
         raise ConfigError(
-            f"units.always_train: patterns {config.always_train} match every unit of {model_name}; "
+            f"units.always_train: patterns {always_train} match every unit of {model_name}; "
             f"nothing is left for the scheduler. Narrow the patterns."
         )
     return UnitSet(schedulable=schedulable, always_trained=always)
+
+
+#: The symbol ``always_train: [head]`` stands for the model's task head, whatever it is named.
+HEAD = "head"
+
+
+def head_patterns(model: nn.Module) -> list[str]:
+    """Patterns for the model's task head: its top-level modules outside the pretrained body.
+
+    A transformers model names its body ``base_model_prefix`` (``bert``, ``transformer``,
+    ``vit``, ``model``); the modules beside it with parameters are the head (``classifier``
+    for BERT and ViT, ``score`` for GPT-2 and Llama, ``pre_classifier`` + ``classifier`` for
+    DistilBERT). Any other module: its last top-level child with parameters.
+    """
+    with_params = [name for name, child in model.named_children() if any(True for _ in child.parameters())]
+    prefix = getattr(model, "base_model_prefix", "")
+    heads = [n for n in with_params if n != prefix] if prefix in with_params else with_params[-1:]
+    if not heads:
+        raise ConfigError(
+            f"units.always_train: {HEAD!r} names the task head, but {type(model).__name__} has no "
+            f"module beside its body; list the head's parameter patterns instead (e.g. 'classifier.*')."
+        )
+    return [f"{name}.*" for name in heads]
+
+
+def expand_head(model: nn.Module, patterns: list[str]) -> list[str]:
+    """``patterns`` with the symbol ``head`` replaced by the model's head patterns."""
+    expanded: list[str] = []
+    for pattern in patterns:
+        expanded.extend(head_patterns(model) if pattern == HEAD else [pattern])
+    return expanded
 
 
 def find_blocks(model: nn.Module) -> list[str]:

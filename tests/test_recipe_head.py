@@ -1,0 +1,42 @@
+"""``always_train: [head]`` finds each model's task head, whatever it is named."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from slimfit_accel.config import UnitsConfig
+from slimfit_accel.errors import ConfigError
+from slimfit_accel.units import discover_units, head_patterns
+
+from conftest import tiny_bert
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=32, num_labels=2, eos_token_id=0, bos_token_id=0)
+    return GPT2ForSequenceClassification(config)
+
+
+def tiny_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=28, patch_size=7, num_labels=3)
+    return ViTForImageClassification(config)
+
+
+@pytest.mark.parametrize(("build", "head"), [(tiny_bert, "classifier.weight"), (tiny_gpt2, "score.weight"), (tiny_vit, "classifier.weight")])
+def test_head_is_resolved_per_model(build, head):
+    units = discover_units(build(), UnitsConfig(always_train=["head"]))
+    assert [u.name for u in units.always_trained] == [head]
+
+
+def test_plain_module_head_is_its_last_child_with_parameters():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 2), nn.Dropout())
+    assert head_patterns(model) == ["3.*"]
+
+
+def test_a_module_without_parameters_has_no_head():
+    with pytest.raises(ConfigError, match="'head' names the task head"):
+        head_patterns(nn.ReLU())
