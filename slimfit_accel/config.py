@@ -32,8 +32,13 @@ class UnitsConfig(BaseModel):
     scales), ``module`` (a layer's weights together) or ``block`` (a whole transformer layer).
     ``include``/``exclude``: glob patterns over parameter names choosing the candidates (others
     are left as the user set them). ``always_train``: patterns over unit or parameter names for
-    units trained at every step (e.g. a new classifier head). ``freeze_biases``: make biases and
-    norm shifts freezable too (SlimFit keeps them always trainable: they are cheap).
+    units trained at every step (e.g. a new classifier head; ``head`` names the model's task head;
+    a wrapped model such as PEFT's names it ``base_model.model.classifier...``, so write
+    ``"*classifier*"``). ``freeze_biases``: make biases and norm shifts freezable too (SlimFit
+    keeps them always trainable: they are cheap). ``candidates``: ``trainable`` (default) takes
+    only parameters with ``requires_grad`` when ``prepare_model`` runs, so whatever the user froze
+    (a PEFT base model, frozen embeddings) stays frozen; ``all`` makes every matching unit
+    trainable first and schedules the whole model.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -42,6 +47,7 @@ class UnitsConfig(BaseModel):
     exclude: list[str] = Field(default_factory=list)
     always_train: list[str] = Field(default_factory=list)
     freeze_biases: bool = False
+    candidates: Literal["trainable", "all"] = "trainable"
 
 
 class SlimFitConfig(BaseModel):

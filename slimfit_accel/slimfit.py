@@ -34,7 +34,7 @@ from .memory import MemoryMeter
 from .plugins import StrategyRegistry
 from .report import SlimFitReport, build_report
 from .stepping import StepBackend, TorchStepBackend
-from .units import UnitSet, discover_units
+from .units import ParameterSummary, UnitSet, discover_units, full_numel
 
 
 class SlimFit:
@@ -54,6 +54,7 @@ class SlimFit:
         self.memory: MemoryMeter | None = None
         self.model: nn.Module | None = None
         self.units: UnitSet | None = None
+        self._trainable: dict[int, int] = {}
         self.controller: FreezeController | None = None
         self.accelerator = None
 
@@ -78,6 +79,8 @@ class SlimFit:
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Find the units and make each trainable; call before ``accelerator.prepare``.
 
+        Candidates are the parameters trainable now (``units.candidates: trainable``): what the
+        user froze, such as a PEFT base model, stays frozen and never becomes a unit.
         DDP and DeepSpeed record which parameters train when they wrap the model, so every unit
         must be trainable then; freezing is applied per step afterwards.
         """
@@ -86,7 +89,32 @@ class SlimFit:
         for unit in self.units.all:
             for param in unit.params:
                 param.requires_grad_(True)
+        self._trainable = {id(p): full_numel(p) for p in model.parameters() if p.requires_grad}
         return model
+
+    def summary(self) -> ParameterSummary:
+        """Parameter counts: trainable (as PEFT counts them), SlimFit candidates, always trained,
+        trained this step. ``print(slimfit.summary())`` gives a ``print_trainable_parameters`` line."""
+        if self.units is None:
+            raise IntegrationError("nothing to summarise: call slimfit.prepare_model(model) first")
+        candidates = sum(u.numel for u in self.units.schedulable)
+        always = sum(self._trainable.values()) - candidates
+        if self.controller is None:
+            this_step = candidates
+        else:
+            picked = set(self.controller.trainable)
+            this_step = sum(u.numel for u in self.units.schedulable if u.name in picked)
+        return ParameterSummary(
+            total=sum(full_numel(p) for p in self.model.parameters()),
+            trainable=sum(self._trainable.values()),
+            candidates=candidates,
+            always_trained=always,
+            trained_this_step=always + this_step,
+        )
+
+    def print_trainable_parameters(self) -> None:
+        """Print ``summary()`` as one line, like PEFT's method of the same name."""
+        print(self.summary())
 
     def attach(self, accelerator: Any, model: nn.Module, optimizer: Any, total_steps: int | None = None) -> None:
         """Start freezing: pick the backend for this setup and decide the first step.
@@ -131,7 +159,8 @@ class SlimFit:
         return build_report(self.controller, self.memory.summary() if self.memory is not None else None)
 
     def detach(self) -> None:
-        """Stop: every unit trainable again, optimizer and compression hooks removed."""
+        """Stop: every unit trainable again (parameters the user froze stay frozen: they are not
+        units), optimizer and compression hooks removed."""
         if self.memory is not None:
             self.memory.close()
             self.memory = None

@@ -47,6 +47,41 @@ class Unit:
 
 
 @dataclass(frozen=True)
+class ParameterSummary:
+    """Parameter counts: PEFT's ``print_trainable_parameters`` numbers plus SlimFit's split.
+
+    ``trainable``: parameters with ``requires_grad`` after ``prepare_model`` (PEFT's "trainable
+    params"); ``candidates``: those in units the scheduler picks from; ``always_trained``: the
+    rest of ``trainable`` (``always_train`` units, biases, norm shifts); ``trained_this_step``:
+    ``always_trained`` plus the units picked for the current step. ``str()`` gives one line;
+    percentages are of all parameters, as PEFT's are.
+    """
+
+    total: int
+    trainable: int
+    candidates: int
+    always_trained: int
+    trained_this_step: int
+
+    def percent(self, count: int) -> float:
+        return 100.0 * count / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        parts = [
+            f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || trainable%: {self.percent(self.trainable):.4f}",
+            *(
+                f"{label}: {count:,d} ({self.percent(count):.4f}%)"
+                for label, count in (
+                    ("SlimFit candidates", self.candidates),
+                    ("always trained", self.always_trained),
+                    ("trained this step", self.trained_this_step),
+                )
+            ),
+        ]
+        return " || ".join(parts)
+
+
+@dataclass(frozen=True)
 class UnitSet:
     """The units of a model: ``schedulable`` ones (the scheduler decides) and ``always_trained``."""
 
@@ -61,6 +96,8 @@ class UnitSet:
 def discover_units(model: nn.Module, config: UnitsConfig) -> UnitSet:
     """Group the model's candidate parameters into units, as ``config`` says.
 
+    With ``candidates: trainable`` (the default) a parameter is a candidate only if it has
+    ``requires_grad`` now: what the user froze (a PEFT base model) is never made a unit.
     Raises ``ConfigError`` when a pattern matches nothing or no unit is left to schedule.
     """
     model_name = type(model).__name__
@@ -72,8 +109,12 @@ def discover_units(model: nn.Module, config: UnitsConfig) -> UnitSet:
     block_of = _block_index(model)
     groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
     blocks: dict[str, int | None] = {}
+    user_frozen: list[str] = []
     for name, param in model.named_parameters():
         if not any(fnmatchcase(name, p) for p in config.include):
+            continue
+        if config.candidates == "trainable" and not param.requires_grad:
+            user_frozen.append(name)
             continue
         if any(fnmatchcase(name, p) for p in config.exclude):
             continue
@@ -96,12 +137,17 @@ def discover_units(model: nn.Module, config: UnitsConfig) -> UnitSet:
         for index, (key, members) in enumerate(groups.items())
     ]
     if not units:
+        frozen_hint = (
+            f" {len(user_frozen)} matching parameters are frozen (requires_grad=False) and so are not "
+            f"candidates; unfreeze them or set units.candidates: all."
+            if user_frozen else ""
+        )
         raise ConfigError(
             f"units: no freezable unit found in {model_name} with include={config.include} "
-            f"exclude={config.exclude}. Widen the include patterns."
+            f"exclude={config.exclude}. Widen the include patterns.{frozen_hint}"
         )
     always_train = expand_head(model, config.always_train)
-    _check_patterns("units.always_train", always_train, units, model_name, "unit")
+    _check_patterns("units.always_train", always_train, units, model_name, "unit", frozen=user_frozen)
     always = tuple(u for u in units if any(u.matches(p) for p in always_train))
     schedulable = tuple(u for u in units if u not in always)
     if not schedulable:
@@ -122,17 +168,29 @@ def head_patterns(model: nn.Module) -> list[str]:
     A transformers model names its body ``base_model_prefix`` (``bert``, ``transformer``,
     ``vit``, ``model``); the modules beside it with parameters are the head (``classifier``
     for BERT and ViT, ``score`` for GPT-2 and Llama, ``pre_classifier`` + ``classifier`` for
-    DistilBERT). Any other module: its last top-level child with parameters.
+    DistilBERT). Any other module: its last top-level child with parameters. A PEFT model is
+    looked through: its head is the wrapped model's (``base_model.model.classifier.*``).
     """
-    with_params = [name for name, child in model.named_children() if any(True for _ in child.parameters())]
-    prefix = getattr(model, "base_model_prefix", "")
+    inner, path = _unwrap_peft(model)
+    with_params = [name for name, child in inner.named_children() if any(True for _ in child.parameters())]
+    prefix = getattr(inner, "base_model_prefix", "")
     heads = [n for n in with_params if n != prefix] if prefix in with_params else with_params[-1:]
     if not heads:
         raise ConfigError(
             f"units.always_train: {HEAD!r} names the task head, but {type(model).__name__} has no "
             f"module beside its body; list the head's parameter patterns instead (e.g. 'classifier.*')."
         )
-    return [f"{name}.*" for name in heads]
+    return [f"{path}{name}.*" for name in heads]
+
+
+def _unwrap_peft(model: nn.Module) -> tuple[nn.Module, str]:
+    """The transformers model inside a PEFT model and its path prefix (``base_model.model.``)."""
+    get_base = getattr(type(model), "get_base_model", None)
+    if get_base is None:
+        return model, ""
+    inner = get_base(model)
+    path = next((p for p, m in model.named_modules() if m is inner and p), None)
+    return (inner, f"{path}.") if path is not None else (model, "")
 
 
 def expand_head(model: nn.Module, patterns: list[str]) -> list[str]:
@@ -201,7 +259,7 @@ def _unit_name(granularity: str, param_name: str, module_path: str, block: tuple
     return module_path or param_name
 
 
-def _check_patterns(key: str, patterns: list[str], candidates, model_name: str, what: str) -> None:
+def _check_patterns(key: str, patterns: list[str], candidates, model_name: str, what: str, frozen: list[str] = ()) -> None:
     names = [c if isinstance(c, str) else c.name for c in candidates]
     for pattern in patterns:
         if isinstance(candidates[0] if candidates else None, Unit):
@@ -209,11 +267,29 @@ def _check_patterns(key: str, patterns: list[str], candidates, model_name: str, 
         else:
             hit = any(fnmatchcase(n, pattern) for n in names)
         if not hit:
-            examples = ", ".join(repr(n) for n in names[:3])
-            raise ConfigError(
-                f"{key}: pattern {pattern!r} matches no {what} of {model_name} "
-                f"({what} names look like {examples}, ...). Fix or remove the pattern."
-            )
+            raise ConfigError(f"{key}: pattern {pattern!r} matches no {what} of {model_name}{_miss_hint(pattern, candidates, names, frozen, what)}")
+
+
+def _miss_hint(pattern: str, candidates, names: list[str], frozen: list[str], what: str) -> str:
+    """Why a pattern missed, when it can be told: a frozen target, or a wrapped model's prefix."""
+    frozen_hits = [n for n in frozen if fnmatchcase(n, pattern)]
+    if frozen_hits:
+        return (
+            f": it matches only parameters frozen before prepare_model (e.g. {frozen_hits[0]!r}), which "
+            f"are not candidates. Unfreeze them or set units.candidates: all."
+        )
+    wider = f"*{pattern.rstrip('*')}*"
+    units = [c for c in candidates if isinstance(c, Unit)]
+    if any(fnmatchcase(n, wider) for n in names) or any(u.matches(wider) for u in units):
+        example = next((n for n in names if fnmatchcase(n, wider)), None) or next(
+            n for u in units for n in u.param_names if fnmatchcase(n, wider)
+        )
+        return (
+            f" (names are prefixed, e.g. {example!r}: a wrapped model such as PEFT's). "
+            f"Write {wider!r} instead."
+        )
+    examples = ", ".join(repr(n) for n in names[:3])
+    return f" ({what} names look like {examples}, ...). Fix or remove the pattern."
 
 
 def unit_bytes(units: tuple[Unit, ...] | list[Unit]) -> int:
