@@ -19,6 +19,7 @@ Example, in an Accelerate loop::
 
 from __future__ import annotations
 
+import os
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -124,6 +125,8 @@ class SlimFit:
         """
         if self.units is None:
             raise IntegrationError("call slimfit.prepare_model(model) before accelerator.prepare and attach()")
+        if accelerator is not None:
+            check_launch(accelerator.distributed_type, accelerator.num_processes)
         backend = self._backend(accelerator, model, optimizer)
         self.controller = FreezeController(
             self.units, self.scorer, self.scheduler, self.registry, seed=self.config.seed, total_steps=total_steps
@@ -197,6 +200,43 @@ class SlimFit:
                 f"optimizer after slimfit.prepare_model(model), over model.parameters()."
             )
         return TorchStepBackend(torch_optimizer)
+
+
+def make_accelerator(gradient_accumulation_steps: int = 1, **kwargs: Any):
+    """An ``Accelerator`` set up for SlimFit, which also works with no GPU.
+
+    DDP must not wait for gradients of frozen units (``find_unused_parameters``). Without a GPU,
+    Accelerate sets up a process group only when told to: ``cpu=True`` for DDP (else each
+    ``torchrun`` process runs alone), gloo for DeepSpeed (``cpu=True`` would switch DeepSpeed
+    off). Other keyword arguments go to ``Accelerator``. Example::
+
+        accelerator = make_accelerator(gradient_accumulation_steps=2, mixed_precision="bf16")
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    handlers = list(kwargs.pop("kwargs_handlers", None) or [])
+    if not any(isinstance(h, DistributedDataParallelKwargs) for h in handlers):
+        handlers += SlimFit.kwargs_handlers()
+    if not torch.cuda.is_available():
+        deepspeed = kwargs.get("deepspeed_plugin") is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        kwargs.setdefault("cpu", not deepspeed)
+        launched = int(os.environ.get("LOCAL_RANK", -1)) != -1 or int(os.environ.get("WORLD_SIZE", 1)) > 1
+        if launched and not any(isinstance(h, InitProcessGroupKwargs) for h in handlers):
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    return Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, kwargs_handlers=handlers, **kwargs)
+
+
+def check_launch(distributed_type: Any, num_processes: int) -> None:
+    """Raise if a launcher started several processes but each trains alone (the no-GPU pitfall)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and num_processes == 1:
+        kind = getattr(distributed_type, "name", distributed_type)
+        raise IntegrationError(
+            f"{world} processes were launched (WORLD_SIZE={world}) but this one trains alone "
+            f"(DistributedType.{kind}): with no GPU, Accelerate needs cpu=True for DDP. Build the "
+            f"Accelerator with slimfit_accel.make_accelerator(), or pass use_cpu=True to a Trainer."
+        )
 
 
 def _compression_policy(setting: str | CompressionPolicy) -> CompressionPolicy | None:
