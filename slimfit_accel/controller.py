@@ -1,10 +1,11 @@
 """The per-step freeze loop: schedule -> requires_grad -> optimizer step -> re-score.
 
 ``FreezeController`` owns the score table (one float per schedulable unit, stale for frozen
-units) and the step counter. It decides once per optimizer step, before the first forward of
-that step, and re-scores the trained units right after the optimizer step, with one collective
-and one host transfer. Its ``state_dict`` (step, scores, strategy state) goes into
-``accelerator.save_state`` so a resumed run continues the same freeze sequence.
+units) and the step counter. It decides once per optimizer step, at the first forward of that
+step (so a checkpoint loaded after ``attach`` decides where it left off, and observers never
+hear of a step that is not trained), and re-scores the trained units right after the optimizer
+step, with one collective and one host transfer. Its ``state_dict`` (step, scores, strategy
+state) goes into ``accelerator.save_state`` so a resumed run continues the same freeze sequence.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class FreezeController:
         self.stats = FreezeStats(trained_steps={u.name: 0 for u in units.schedulable})
         self.backend: StepBackend | None = None
         self._decided_for: int | None = None
+        self._checked: tuple[int, set[str]] | None = None  # (step, choice) validated at bind
         self._views: list[UnitView] = []
         self._carried: Any = None
         self.last_snapshot_bytes = 0
@@ -76,10 +78,14 @@ class FreezeController:
 
     # -- wiring ----------------------------------------------------------------------------
     def bind(self, backend: StepBackend) -> None:
-        """Run the scorer around the backend's real optimizer steps, and decide step 0 now."""
+        """Run the scorer around the backend's real optimizer steps.
+
+        The scheduler is asked for the current step now, so its errors surface before training;
+        the answer is applied (and announced) only when that step begins.
+        """
         self.backend = backend
         backend.install(before_step=self._before_optimizer_step, after_step=self._after_optimizer_step)
-        self.begin_step()  # errors in the scheduler surface before any training step
+        self._checked = (self.step, self._select())
 
     def unbind(self) -> None:
         if self.backend is not None:
@@ -88,10 +94,24 @@ class FreezeController:
 
     # -- the step --------------------------------------------------------------------------
     def begin_step(self) -> None:
-        """Make the decision for the current optimizer step, once (micro-batches reuse it)."""
-        if self._decided_for == self.step:
-            return
-        trainable = self._select()
+        """Apply the current optimizer step's decision, made (and announced) once per step;
+        every micro-batch of the step calls this and reuses it."""
+        if self._decided_for != self.step:
+            checked, self._checked = self._checked, None
+            chosen = checked[1] if checked is not None and checked[0] == self.step else self._select()
+            self.trainable = tuple(u.name for u in self.units.schedulable if u.name in chosen)
+            frozen_units = [u for u in self.units.schedulable if u.name not in chosen]
+            if self.backend is not None:
+                self.backend.set_frozen([p for u in frozen_units for p in u.params])
+            self._decided_for = self.step
+            call_observers(
+                self.registry,
+                "slimfit_freeze_decision",
+                step=self.step,
+                trainable=self.trainable + tuple(u.name for u in self.units.always_trained),
+                frozen=tuple(u.name for u in frozen_units),
+            )
+        trainable = set(self.trainable)
         for unit in self.units.schedulable:
             flag = unit.name in trainable
             for param in unit.params:
@@ -99,18 +119,19 @@ class FreezeController:
         for unit in self.units.always_trained:
             for param in unit.params:
                 param.requires_grad_(True)
-        self.trainable = tuple(u.name for u in self.units.schedulable if u.name in trainable)
-        frozen_units = [u for u in self.units.schedulable if u.name not in trainable]
-        if self.backend is not None:
-            self.backend.set_frozen([p for u in frozen_units for p in u.params])
-        self._decided_for = self.step
-        call_observers(
-            self.registry,
-            "slimfit_freeze_decision",
-            step=self.step,
-            trainable=self.trainable + tuple(u.name for u in self.units.always_trained),
-            frozen=tuple(u.name for u in frozen_units),
-        )
+
+    def end_step(self) -> None:
+        """Every unit trainable again once the micro-batch's backward is done.
+
+        Between steps the model shows its real trainable set, so whatever reads
+        ``requires_grad`` then (checkpoint writers and readers, DeepSpeed's
+        ``safe_get_full_fp32_param``, parameter counts) is not misled by one step's decision.
+        The backend keeps the frozen set until the next decision, so an optimizer step taken
+        after the block is still freeze-true.
+        """
+        for unit in self.units.all:
+            for param in unit.params:
+                param.requires_grad_(True)
 
     def _select(self) -> set[str]:
         scores = dict(zip((i.name for i in self._infos), self.scores.tolist()))
@@ -136,6 +157,14 @@ class FreezeController:
                 plugin,
                 f"{self.scheduler.label} returned unknown unit names at step {self.step}: "
                 f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''} (known units look like {self._infos[0].name!r})",
+            )
+        if not chosen and self._infos:
+            # Every unit frozen would train only the always-trained parameters (biases, norms,
+            # head) while looking like a SlimFit step: almost always a scheduler bug.
+            raise PluginError(
+                plugin,
+                f"{self.scheduler.label} selected no unit to train at step {self.step} (all "
+                f"{len(self._infos)} schedulable units frozen); a scheduler must return at least one unit name",
             )
         return chosen
 
@@ -221,8 +250,9 @@ class FreezeController:
                 strategy.load_state_dict(state[key])
         if self.backend is not None and state.get("backend"):
             self.backend.load_state_dict(state["backend"])
+        # The next step() decides for the loaded step; nothing is applied or announced before.
         self._decided_for = None
-        self.begin_step()
+        self._checked = None
 
 
 def _strategy_state(strategy: Any) -> Any:

@@ -118,7 +118,8 @@ class SlimFit:
         print(self.summary())
 
     def attach(self, accelerator: Any, model: nn.Module, optimizer: Any, total_steps: int | None = None) -> None:
-        """Start freezing: pick the backend for this setup and decide the first step.
+        """Start freezing: pick the backend for this setup. The first decision is taken when
+        the first step begins, so ``accelerator.load_state`` may come after ``attach``.
 
         ``accelerator`` may be None for a plain PyTorch loop. ``total_steps`` (planned optimizer
         steps) is needed by schedulers that follow training progress.
@@ -144,15 +145,19 @@ class SlimFit:
     @contextmanager
     def step(self) -> Iterator[None]:
         """Wrap each micro-batch (forward and backward): applies this optimizer step's freeze
-        decision before the forward pass and compresses the activations saved for backward."""
+        decision before the forward pass and compresses the activations saved for backward.
+        Outside the block every unit is trainable (what checkpoints record)."""
         if self.controller is None:
             raise IntegrationError("call slimfit.attach(accelerator, model, optimizer) before training")
         self.controller.begin_step()
-        with ExitStack() as stack:
-            if self.compression is not None:
-                stack.enter_context(self.compression.step())
-            stack.enter_context(self.memory.step())
-            yield
+        try:
+            with ExitStack() as stack:
+                if self.compression is not None:
+                    stack.enter_context(self.compression.step())
+                stack.enter_context(self.memory.step())
+                yield
+        finally:
+            self.controller.end_step()
 
     def report(self) -> SlimFitReport:
         """What was frozen and trained, and memory by category (saved activations before and after

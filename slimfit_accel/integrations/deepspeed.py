@@ -12,10 +12,18 @@ state, plus a step count per parameter kept here. The real optimizer then update
 slices, and Adam's bias correction counts the steps each parameter was really trained, as a
 per-tensor torch optimizer would. Frozen slices (fp32 master, module copy, moments) are never
 written, and nothing is allocated per frozen element.
+
+Checkpoints: ``engine.save_checkpoint`` records every parameter whose ``requires_grad`` is off as
+a "frozen parameter", and ``engine.load_checkpoint`` expects each parameter frozen at load time
+among those saved (else ``KeyError`` in ``load_module_state_dict``). A per-step freeze decision
+is no property of the model, so the backend also wraps both calls: for their length every
+parameter ZeRO's optimizer holds is trainable, and the checkpoint records the model's real
+trainable set (parameters frozen before ``deepspeed.initialize`` stay frozen).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Collection, Sequence
 
@@ -109,6 +117,7 @@ class ZeroStepBackend:
         # Parameters frozen before deepspeed.initialize are not in ZeRO's groups and never move.
         groups = zero.fp16_groups if self._stage3 else zero.bit16_groups
         self._managed = [id(p) for group in groups for p in group if id(p) in self._names]
+        self._managed_params = [p for group in groups for p in group if id(p) in self._names]
         self._steps: dict[str, int] = {self._names[key]: 0 for key in self._managed}
         self._groups_at_init = list(basic.param_groups)  # ZeRO-1/2 swaps the list during a step
         self._flat_group_list: list[tuple[torch.Tensor, dict]] | None = None
@@ -116,7 +125,7 @@ class ZeroStepBackend:
         self._by_flat: dict[int, list[_Slice]] = {}
         self._frozen: set[int] = set()
         self._callbacks: tuple[StepCallback, StepCallback] | None = None
-        self._installed: list[tuple[Any, Any, Any]] = []  # (owner, previous attribute, wrapper)
+        self._installed: list[tuple[Any, str, Any, Any]] = []  # (owner, attribute, previous, wrapper)
         self._active = False
         self._in_zero_step = False
         self._began = False
@@ -127,17 +136,24 @@ class ZeroStepBackend:
             raise IntegrationError("ZeroStepBackend.install was called twice; call remove() first.")
         self._callbacks = (before_step, after_step)
         self._active = True
-        for owner, hook in ((self.zero_optimizer, self._zero_step), (self.optimizer, self._basic_step)):
-            original = owner.step
+        wrapped = (
+            (self.zero_optimizer, "step", self._zero_step),
+            (self.optimizer, "step", self._basic_step),
+            (self.engine, "save_checkpoint", self._save_checkpoint),
+            (self.engine, "load_checkpoint", self._load_checkpoint),
+        )
+        for owner, attribute, hook in wrapped:
+            original = getattr(owner, attribute)
 
             def wrapper(*args, _original=original, _hook=hook, **kwargs):
                 if not self._active:  # removed, but someone wrapped us meanwhile
                     return _original(*args, **kwargs)
                 return _hook(_original, *args, **kwargs)
 
-            # An instance attribute shadows the class method; DeepSpeed calls `optimizer.step()`.
-            self._installed.append((owner, vars(owner).get("step"), wrapper))
-            owner.step = wrapper
+            # An instance attribute shadows the class method; DeepSpeed calls `optimizer.step()`,
+            # Accelerate `engine.save_checkpoint(...)`.
+            self._installed.append((owner, attribute, vars(owner).get(attribute), wrapper))
+            object.__setattr__(owner, attribute, wrapper)
 
     def set_frozen(self, frozen: Collection[torch.nn.Parameter]) -> None:
         ids = set()
@@ -172,12 +188,12 @@ class ZeroStepBackend:
         return out
 
     def remove(self) -> None:
-        for owner, previous, wrapper in self._installed:
-            if vars(owner).get("step") is wrapper:
+        for owner, attribute, previous, wrapper in self._installed:
+            if vars(owner).get(attribute) is wrapper:
                 if previous is None:
-                    del owner.step
+                    delattr(owner, attribute)
                 else:
-                    owner.step = previous
+                    object.__setattr__(owner, attribute, previous)
         self._installed = []
         self._active = False
         self._callbacks = None
@@ -191,6 +207,31 @@ class ZeroStepBackend:
         if unknown:
             raise IntegrationError(f"ZeroStepBackend state names parameters this model lacks: {unknown[:5]}")
         self._steps.update({name: int(count) for name, count in steps.items()})
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, original, *args, **kwargs):
+        with self._all_trainable():
+            return original(*args, **kwargs)
+
+    def _load_checkpoint(self, original, *args, **kwargs):
+        with self._all_trainable():
+            result = original(*args, **kwargs)
+        # Loading may rebuild the basic optimizer's param groups and state: look them up again.
+        self._groups_at_init = list(self.optimizer.param_groups)
+        self._flat_group_list, self._slices, self._by_flat = None, None, {}
+        return result
+
+    @contextmanager
+    def _all_trainable(self):
+        """Every parameter ZeRO's optimizer holds trainable for the block, then as it was."""
+        frozen_now = [p for p in self._managed_params if not p.requires_grad]
+        for param in frozen_now:
+            param.requires_grad_(True)
+        try:
+            yield
+        finally:
+            for param in frozen_now:
+                param.requires_grad_(False)
 
     # ---------------------------------------------------------------------------- stepping
     def _zero_step(self, original, *args, **kwargs):
