@@ -61,9 +61,11 @@ def accelerate_run(data: list[dict], steps: int):
         with accelerator.accumulate(model), slimfit.step():
             if micro % ACCUM == 0:
                 decisions.append(list(slimfit.controller.trainable))
-            # The Trainer does not average micro-batch losses for a model whose forward takes loss
-            # kwargs (model_accepts_loss_kwargs, BERT's does): it sums them. Do the same here.
-            loss = model(**batch).loss * ACCUM
+            # For a model whose forward takes loss kwargs (model_accepts_loss_kwargs; BERT's does)
+            # the Trainer takes the loss as already normalised: it does not average it over
+            # micro-batches, and it multiplies it by the number of processes (average_tokens_
+            # across_devices). A classification loss is a plain mean, so do the same here.
+            loss = model(**batch).loss * (ACCUM * accelerator.num_processes)
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
