@@ -109,6 +109,7 @@ class ZeroStepBackend:
             )
         # FusedAdam applies one step count to every tensor of a call: call it once per count.
         self._one_count_per_call = kind is FusedAdam
+        self._cpu_adam = kind is DeepSpeedCPUAdam
 
         self.engine = engine
         self.zero_optimizer = zero
@@ -282,6 +283,8 @@ class ZeroStepBackend:
             for count in counts:
                 for group, views in zip(groups, per_group):
                     group["params"] = [v for v, p in views if count is None or self._steps[p.name] == count]
+                if self._cpu_adam:
+                    self._restart_cpu_adam_powers()
                 result = original(*args, **kwargs)
         finally:
             for group, params in zip(groups, saved):
@@ -292,6 +295,20 @@ class ZeroStepBackend:
         if not self._in_zero_step:  # called outside engine.step(): it is a step of its own
             self._finish()
         return result
+
+    def _restart_cpu_adam_powers(self) -> None:
+        """DeepSpeedCPUAdam's C++ side keeps beta**t for bias correction as a running product,
+        advanced when a call's step follows the previous call's and recomputed with ``pow``
+        otherwise; no checkpoint stores it, so a resumed run would round differently. An empty
+        update at step 0 first makes every step start from ``pow``, the same before and after a
+        restart (and per-parameter step counts make the product path rare anyway)."""
+        group = self.optimizer.param_groups[0]
+        beta1, beta2 = group["betas"]
+        empty = torch.empty(0, dtype=torch.float32)
+        self.optimizer.ds_opt_adam.adam_update(
+            self.optimizer.opt_id, 0, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+            group["bias_correction"], empty, empty, empty, empty,
+        )
 
     def _view(self, piece: _Slice, flat_state: dict) -> torch.Tensor:
         """A 1-D view of the piece with its gradient and optimizer state viewed in place."""
