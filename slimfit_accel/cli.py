@@ -1,35 +1,61 @@
-"""``slimfit-accel``: list plugins and check configs from the shell.
+"""``slimfit-accel``: fine-tune, list plugins and check configs from the shell.
 
+    slimfit-accel finetune --train-file data.csv --model ./my-bert --output-dir runs/mine
     slimfit-accel plugins [--json]
-    slimfit-accel check-config my_slimfit.yaml [--model ./my-bert]
+    slimfit-accel check-config my_slimfit.yaml [--model ./my-bert] [--task text|image]
+    slimfit-accel --version
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
 
 from .errors import SlimFitError
 
+#: Steps assumed by ``check-config`` for schedulers that follow training progress.
+CHECK_TOTAL_STEPS = 100
+
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["finetune"]:  # the recipe parses its own flags
+        from .finetune import cli
+
+        try:
+            cli(argv[1:])
+        except SystemExit as done:
+            return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
+        return 0
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="slimfit-accel", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"slimfit-accel {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("finetune", help="fine-tune a classifier with SlimFit (see: slimfit-accel finetune --help)")
     plugins = commands.add_parser("plugins", help="list loaded plugins, their strategies and hooks")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
-    check = commands.add_parser("check-config", help="validate a SlimFit YAML config")
+    check = commands.add_parser("check-config", help="validate a SlimFit YAML config, and its first decision on a model")
     check.add_argument("config", help="path of the YAML file")
-    check.add_argument("--model", help="a model folder (config.json) to check unit patterns against; no weights are loaded")
+    check.add_argument("--model", help="a model folder (config.json): units are found in it (no weights are loaded) "
+                                       "and the scheduler makes its first decision")
+    check.add_argument("--task", choices=("text", "image"), help="the model's task (default: from its config)")
     args = parser.parse_args(argv)
     try:
         if args.command == "plugins":
             return _plugins(args.json)
-        return _check_config(args.config, args.model)
+        return _check_config(args.config, args.model, args.task)
     except SlimFitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader stopped early (`| head`): no traceback. Point stdout at devnull so Python's
+        # final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _plugins(as_json: bool) -> int:
@@ -37,7 +63,7 @@ def _plugins(as_json: bool) -> int:
 
     rows = StrategyRegistry.load().describe()
     if as_json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2), flush=True)
         return 0
     for row in rows:
         kind = "built-in" if row["builtin"] else "third-party"
@@ -45,36 +71,61 @@ def _plugins(as_json: bool) -> int:
         for strategy_kind, names in row["strategies"].items():
             print(f"    {strategy_kind}: {', '.join(names)}")
         print(f"    hooks: {', '.join(row['hooks'])}")
+    sys.stdout.flush()
     return 0
 
 
-def _check_config(path: str, model_path: str | None) -> int:
+def _check_config(path: str, model_path: str | None, task: str | None) -> int:
     from .slimfit import SlimFit
 
     slimfit = SlimFit.from_config(path)
     message = f"{path}: OK (scorer {slimfit.scorer.registration.name}, scheduler {slimfit.scheduler.registration.name})"
     if model_path:
-        model = _skeleton_model(model_path)
+        model = _skeleton_model(model_path, task)
         slimfit.prepare_model(model)
         units = slimfit.units
         message += f"; {len(units.schedulable)} schedulable and {len(units.always_trained)} always-trained units in {type(model).__name__}"
+        message += f"; {_first_decision(slimfit)}"
     print(message)
     return 0
 
 
-def _skeleton_model(model_path: str):
+def _first_decision(slimfit) -> str:
+    """Run the scheduler's decision for step 0 on the real units, as training would."""
+    from .controller import FreezeController
+
+    controller = FreezeController(slimfit.units, slimfit.scorer, slimfit.scheduler, slimfit.registry,
+                                  seed=slimfit.config.seed, total_steps=CHECK_TOTAL_STEPS)
+    controller.begin_step()
+    numel = {u.name: u.numel for u in slimfit.units.schedulable}
+    share = sum(numel[n] for n in controller.trainable) / max(sum(numel.values()), 1)
+    return (f"step 0 trains {len(controller.trainable)} of {len(numel)} schedulable units "
+            f"({share:.0%} of their weights) plus {len(slimfit.units.always_trained)} always-trained")
+
+
+def _skeleton_model(model_path: str, task: str | None):
     """The model's architecture on the meta device: unit patterns are checked without weights."""
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
 
     from .errors import ConfigError
 
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise ConfigError(f"--model {model_path}: no config.json there; pass a Hugging Face model folder")
     try:
         config = AutoConfig.from_pretrained(model_path)
     except Exception as err:
         raise ConfigError(f"--model {model_path}: cannot read a transformers config.json there ({err})") from None
-    with torch.device("meta"):
-        return AutoModelForSequenceClassification.from_config(config)
+    if task is None:
+        from .recipes.tasks import model_task
+
+        task = model_task(model_path)
+    auto = AutoModelForImageClassification if task == "image" else AutoModelForSequenceClassification
+    try:
+        with torch.device("meta"):
+            return auto.from_config(config)
+    except ValueError as err:
+        raise ConfigError(f"--model {model_path}: {type(config).__name__} has no {task} classifier ({str(err).splitlines()[0]})") from None
 
 
 if __name__ == "__main__":

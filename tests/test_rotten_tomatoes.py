@@ -6,8 +6,8 @@ import importlib.util
 
 import pytest
 
-from slimfit_accel import rotten_tomatoes
-from slimfit_accel.rotten_tomatoes import load_rotten_tomatoes, tokenize_splits
+from slimfit_accel.recipes import rotten_tomatoes
+from slimfit_accel.rotten_tomatoes import load_rotten_tomatoes, tokenize_splits  # the old import path still works
 
 
 @pytest.fixture(scope="module")
