@@ -1,0 +1,57 @@
+"""``slimfit-accel``: --version, plugins piped into head, check-config's first decision on real units."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slimfit_accel import __version__
+from slimfit_accel.cli import main
+
+from recipe_fixtures import write_bert, write_gpt2, write_vit
+
+CLI = str(Path(sys.executable).with_name("slimfit-accel"))
+
+
+def test_version():
+    done = subprocess.run([CLI, "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == f"slimfit-accel {__version__}"
+
+
+def test_plugins_json_piped_into_head_has_no_broken_pipe():
+    done = subprocess.run(f"'{CLI}' plugins --json | head -n 2", shell=True, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    assert len(done.stdout.splitlines()) == 2
+    assert "BrokenPipe" not in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-models")
+    return {"bert": write_bert(root / "bert"), "gpt2": write_gpt2(root / "gpt2"), "vit": write_vit(root / "vit")}
+
+
+@pytest.mark.parametrize("model", ["bert", "gpt2", "vit"])
+def test_check_config_makes_the_first_decision_on_the_models_units(models, model, capsys):
+    packaged = str(Path(__file__).resolve().parents[1] / "slimfit_accel" / "configs" / "demo.yaml")
+    assert main(["check-config", packaged, "--model", str(models[model])]) == 0
+    out = capsys.readouterr().out
+    assert "1 always-trained units" in out  # the symbolic head: classifier, or GPT-2's score
+    assert "step 0 trains" in out
+
+
+def test_check_config_catches_a_static_pattern_that_matches_nothing(models, tmp_path, capsys):
+    config = tmp_path / "static.yaml"
+    config.write_text("units: {always_train: [head]}\nscheduler: {name: static, train: ['*.layer.99.*']}\n")
+    assert main(["check-config", str(config), "--model", str(models["bert"])]) == 2
+    err = capsys.readouterr().err
+    assert "pattern '*.layer.99.*' matches no unit" in err and len(err.strip().splitlines()) == 1
+
+
+def test_check_config_task_override(models, capsys):
+    packaged = str(Path(__file__).resolve().parents[1] / "slimfit_accel" / "configs" / "demo.yaml")
+    assert main(["check-config", packaged, "--model", str(models["vit"]), "--task", "image"]) == 0
+    assert "ViTForImageClassification" in capsys.readouterr().out
