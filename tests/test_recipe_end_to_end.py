@@ -1,0 +1,149 @@
+"""The recipe end to end on tiny random models: a user's CSV, JSONL, images, a GPT-2 without a
+pad token, resume, the final model, and --compare. The real MiniLM runs in test_end_to_end.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimfit_accel import finetune
+
+from recipe_fixtures import reviews, write_bert, write_gpt2, write_images, write_table, write_vit
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--batch-size", "8", "--max-length", "16", "--lr", "1e-3"]
+TEXT = ["--text-column", "review", "--label-column", "sentiment"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("recipe")
+    return {
+        "bert": write_bert(root / "bert"),
+        "gpt2": write_gpt2(root / "gpt2"),
+        "vit": write_vit(root / "vit"),
+        "images": write_images(root / "images"),
+        "train_csv": write_table(root / "train.csv", reviews(48)),
+        "test_csv": write_table(root / "test.csv", reviews(16, seed=1)),
+        "jsonl": write_table(root / "all.jsonl", reviews(60, seed=2)),
+    }
+
+
+def test_csv_by_path_with_string_labels(assets, tmp_path):
+    out = tmp_path / "out"
+    result = finetune.main(["--model", str(assets["bert"]), "--train-file", str(assets["train_csv"]), "--test-file",
+                            str(assets["test_csv"]), *TEXT, *SMALL, "--epochs", "2", "--output-dir", str(out)])
+    for key in ("accuracy_before", "accuracy_after", "macro_f1", "steps", "seconds_per_step", "report"):
+        assert key in result
+    assert result["steps"] == 12 and len(result["epochs"]) == 2
+    assert result["majority_baseline"]["accuracy"] == 0.5  # 8 pos / 8 neg in test.csv
+    assert json.loads((out / "labels.json").read_text()) == {"0": "neg", "1": "pos"}  # sorted strings -> ids
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"]["labels"] == ["neg", "pos"] and summary["versions"]["torch"]
+    assert summary["memory"]["peak"]["activations_raw"] > summary["memory"]["peak"]["activations"] > 0
+    assert summary["freeze"]["scheduler"] == "ils" and summary["slimfit_config"]["units"]["always_train"] == ["head"]
+    assert (out / "final" / "config.json").is_file() and (out / "final" / "tokenizer.json").is_file()
+
+
+def test_jsonl_with_a_held_out_fraction(assets):
+    result = finetune.main(["--model", str(assets["bert"]), "--train-file", str(assets["jsonl"]), "--test-fraction", "0.25",
+                            *TEXT, *SMALL, "--epochs", "1"])
+    assert result["steps"] == 6  # 45 training rows in batches of 8
+    assert 0.0 <= result["macro_f1"] <= 1.0
+
+
+def test_image_classification_with_a_tiny_vit(assets, tmp_path):
+    out = tmp_path / "out"
+    result = finetune.main(["--model", str(assets["vit"]), "--dataset", str(assets["images"]), "--test-fraction", "0.25",
+                            *SMALL, "--epochs", "2", "--output-dir", str(out)])
+    assert result["steps"] == 8 and result["report"]["always_trained_units"] == 1
+    assert (out / "final" / "preprocessor_config.json").is_file()
+    assert json.loads((out / "summary.json").read_text())["data"]["task"] == "image"
+
+
+def test_gpt2_classifier_without_a_pad_token(assets, capsys):
+    result = finetune.main(["--model", str(assets["gpt2"]), "--train-file", str(assets["train_csv"]), "--test-file",
+                            str(assets["test_csv"]), *TEXT, *SMALL, "--epochs", "1"])
+    assert "padding with its eos token '<eos>'" in capsys.readouterr().out
+    assert result["steps"] == 6
+    assert result["report"]["always_trained_units"] == 1  # the head is `score`, found for the model
+
+
+def test_compare_full_and_slimfit_writes_table_json_and_pictures(assets, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "compare"
+    result = finetune.main(["--model", str(assets["bert"]), "--train-file", str(assets["train_csv"]), "--test-file",
+                            str(assets["test_csv"]), *TEXT, *SMALL, "--epochs", "1", "--compare", "full,slimfit", "--output-dir", str(out)])
+    assert set(result["arms"]) == {"full", "slimfit"}
+    compared = json.loads((out / "compare.json").read_text())["arms"]
+    full, slim = compared["full"]["memory"]["peak"], compared["slimfit"]["memory"]["peak"]
+    assert full["params"] == slim["params"] and full["activations"] > slim["activations"]
+    assert compared["full"]["accuracy_before"] == compared["slimfit"]["accuracy_before"]  # same model, split and seed
+    table = (out / "compare.md").read_text()
+    assert "full" in table and "slimfit" in table and "activations stored (raw)" in table
+    for picture in ("freeze_timeline.png", "memory_breakdown.png"):
+        image = Image.open(out / picture)
+        image.verify()
+        image = Image.open(out / picture).convert("L")
+        assert image.size[0] > 400 and image.size[1] > 300
+        assert len(set(image.getdata())) > 10  # drawn, not blank
+
+
+def _recipe(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "slimfit_accel.finetune", *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_resume_in_a_new_process_matches_an_uninterrupted_run(assets, tmp_path):
+    """Checkpoint at step 3 (mid-epoch), resume in another process: same freeze sequence, same
+    weights; OUTPUT/final loads with from_pretrained and reproduces the final accuracy."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    common = ["--model", str(assets["bert"]), "--train-file", str(assets["train_csv"]), "--test-file", str(assets["test_csv"]),
+              *TEXT, *SMALL, "--epochs", "2", "--checkpointing-steps", "3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    done = _recipe([*common, "--output-dir", str(straight)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = _recipe([*common, "--output-dir", str(resumed), "--resume-from-checkpoint", str(straight / "checkpoints" / "step_000003")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout
+
+    a, b = json.loads((straight / "summary.json").read_text()), json.loads((resumed / "summary.json").read_text())
+    assert a["timeline"] == b["timeline"] and len(a["timeline"]) == 12
+    assert a["epochs"] == b["epochs"]
+    weights_a, weights_b = load_file(straight / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    assert max((weights_a[k] - weights_b[k]).abs().max().item() for k in weights_a) <= 1e-6
+
+    model = AutoModelForSequenceClassification.from_pretrained(straight / "final").eval()
+    tokenizer = AutoTokenizer.from_pretrained(straight / "final")
+    rows = reviews(16, seed=1)
+    batch = tokenizer([r["review"] for r in rows], truncation=True, padding="max_length", max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        predicted = model(**batch).logits.argmax(-1).tolist()
+    names = model.config.id2label
+    accuracy = sum(names[p] == r["sentiment"] for p, r in zip(predicted, rows)) / len(rows)
+    assert accuracy == pytest.approx(a["accuracy_after"])
+
+
+@pytest.mark.slow
+def test_csv_under_accelerate_launch_with_zero2_on_two_processes(assets, tmp_path):
+    out = tmp_path / "out"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run([str(accelerate), "launch", "--config_file", "accelerate_configs/zero2.yaml", "launch/finetune.py",
+                           "--model", str(assets["bert"]), "--train-file", str(assets["train_csv"]), "--test-file", str(assets["test_csv"]),
+                           *TEXT, *SMALL, "--epochs", "1", "--output-dir", str(out)],
+                          env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "2 process(es)" in done.stdout and "trained 3 optimizer steps" in done.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["data"]["sizes"] == {"train": 48, "test": 16}
+    assert (out / "final" / "model.safetensors").is_file()
