@@ -237,10 +237,17 @@ def check_launch(distributed_type: Any, num_processes: int) -> None:
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and num_processes == 1:
         kind = getattr(distributed_type, "name", distributed_type)
+        fix = (
+            "DeepSpeed needs a gloo process group: build it with slimfit_accel.make_accelerator("
+            "deepspeed_plugin=...) (for a Trainer: first, then TrainingArguments(accelerator_config="
+            "{'use_configured_state': True}))"
+            if kind == "DEEPSPEED"
+            else "Accelerate needs cpu=True for DDP: build the Accelerator with "
+            "slimfit_accel.make_accelerator(), or pass use_cpu=True to a Trainer"
+        )
         raise IntegrationError(
             f"{world} processes were launched (WORLD_SIZE={world}) but this one trains alone "
-            f"(DistributedType.{kind}): with no GPU, Accelerate needs cpu=True for DDP. Build the "
-            f"Accelerator with slimfit_accel.make_accelerator(), or pass use_cpu=True to a Trainer."
+            f"(DistributedType.{kind}): with no GPU, {fix}."
         )
 
 

@@ -32,17 +32,23 @@ and ``on_train_begin`` of a resumed run reads it back from there, whether or not
 ``restore_callback_states_from_checkpoint`` is set.
 
 DDP: the Trainer asks DDP to find unused parameters unless activation checkpointing is on;
-SlimFit needs it (frozen units get no gradient), so that setting is checked. DeepSpeed: the
-callback is not given the engine, so under DeepSpeed it raises; use the Accelerate loop.
+SlimFit needs it (frozen units get no gradient), so that setting is checked. DeepSpeed ZeRO:
+callbacks are given the module, not the Trainer's engine; the callback finds the engine that
+wraps the module and steps freeze-true through it, as ``SlimFit.attach`` does under Accelerate.
+With no GPU, the Trainer's own set-up leaves DeepSpeed processes each alone: set up the process
+group first (``slimfit_accel.make_accelerator(deepspeed_plugin=...)``) and pass
+``TrainingArguments(accelerator_config={"use_configured_state": True})``.
 """
 
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import weakref
 from contextlib import ExitStack
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -53,7 +59,7 @@ from transformers.trainer_callback import ExportableState
 from ..config import SlimFitConfig, load_config
 from ..errors import IntegrationError
 from ..report import SlimFitReport
-from ..slimfit import SlimFit, check_launch
+from ..slimfit import SlimFit
 
 # The SlimFit that prepared a model: a callback the Trainer re-creates from its checkpointed
 # state (restore_callback_states_from_checkpoint) reuses it, plugins included.
@@ -101,8 +107,8 @@ class SlimFitCallback(TrainerCallback, ExportableState):
             raise IntegrationError("SlimFitCallback: the Trainer passed no model or optimizer to on_train_begin")
         if self.slimfit is None or self.slimfit.model is not model:
             self._prepare(model)  # e.g. a Trainer built with model_init
-        _check_setup(args, model)
-        self.slimfit.attach(None, model, optimizer, total_steps=state.max_steps or None)
+        _check_ddp(args, model)
+        self.slimfit.attach(_TrainerAccelerator(model), model, optimizer, total_steps=state.max_steps or None)
         saved = _saved_state(state, type(self).__name__)
         if saved is not None:
             self.slimfit.controller.load_state_dict(_decode(saved))
@@ -145,18 +151,43 @@ class SlimFitCallback(TrainerCallback, ExportableState):
             step.close()
 
 
-def _check_setup(args: Any, model: nn.Module) -> None:
+class _TrainerAccelerator:
+    """What ``SlimFit.attach`` reads from an Accelerator, for the Trainer's own (callbacks are not
+    given it): the distributed setup from Accelerate's shared state and, under DeepSpeed, the
+    engine that wraps ``model``."""
+
+    def __init__(self, model: nn.Module):
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType
+
+        state = PartialState()
+        self.distributed_type = state.distributed_type
+        self.num_processes = state.num_processes
+        if self.distributed_type == DistributedType.DEEPSPEED:
+            self.deepspeed_engine_wrapped = SimpleNamespace(engine=_deepspeed_engine(model))
+
+    def register_for_checkpointing(self, *objects: Any) -> None:
+        """Not needed: the Trainer saves no ``accelerator.save_state``; the SlimFit state goes into
+        ``trainer_state.json`` (``SlimFitCallback.state``)."""
+
+
+def _deepspeed_engine(model: nn.Module) -> Any:
+    # The Trainer keeps its engine as ``model_wrapped`` and passes callbacks only the module:
+    # find the engine that wraps it (once, at train begin).
+    from deepspeed import DeepSpeedEngine
+
+    for obj in gc.get_objects():
+        if isinstance(obj, DeepSpeedEngine) and obj.module is model:
+            return obj
+    raise IntegrationError("SlimFitCallback: the Trainer runs DeepSpeed but no DeepSpeed engine wraps its model")
+
+
+def _check_ddp(args: Any, model: nn.Module) -> None:
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 
     launched = PartialState()
-    check_launch(launched.distributed_type, launched.num_processes)
-    if launched.distributed_type == DistributedType.DEEPSPEED:
-        raise IntegrationError(
-            "SlimFitCallback does not support DeepSpeed: Trainer callbacks are not given the DeepSpeed "
-            "engine that freeze-true stepping needs. Train with the Accelerate loop (SlimFit.attach) instead."
-        )
-    if launched.num_processes > 1:
+    if launched.num_processes > 1 and launched.distributed_type != DistributedType.DEEPSPEED:
         find_unused = args.ddp_find_unused_parameters
         if find_unused is None:
             find_unused = not (getattr(model, "is_activation_checkpointing", False) or getattr(args, "activation_checkpointing", False))

@@ -46,12 +46,21 @@ def weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def accelerate_run(data: list[dict], steps: int):
+def deepspeed_config(stage: int) -> dict:
+    return {
+        "zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": BATCH,
+        "gradient_accumulation_steps": ACCUM, "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0,
+    }
+
+
+def accelerate_run(data: list[dict], steps: int, deepspeed: dict | None = None):
+    from accelerate.utils import DeepSpeedPlugin
     from transformers import default_data_collator
 
     slimfit = SlimFit.from_config(CONFIG)
     model = slimfit.prepare_model(make_model())
-    accelerator = make_accelerator(gradient_accumulation_steps=ACCUM)
+    plugin = DeepSpeedPlugin(hf_ds_config=dict(deepspeed)) if deepspeed else None
+    accelerator = make_accelerator(gradient_accumulation_steps=ACCUM, deepspeed_plugin=plugin)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     loader = DataLoader(data, batch_size=BATCH, collate_fn=default_data_collator)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -68,7 +77,7 @@ def accelerate_run(data: list[dict], steps: int):
             loss = model(**batch).loss * (ACCUM * accelerator.num_processes)
             accelerator.backward(loss)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
     assert slimfit.controller.step == steps, (slimfit.controller.step, steps)
     slimfit.detach()
     return decisions, weights(accelerator.unwrap_model(model))
@@ -76,9 +85,14 @@ def accelerate_run(data: list[dict], steps: int):
 
 def trainer_run(
     data: list[dict], steps: int, output_dir: str, save_steps: int = 0, resume: str | None = None,
-    restore_callbacks: bool = False, print_report: bool = False,
+    restore_callbacks: bool = False, print_report: bool = False, deepspeed: dict | None = None,
 ):
-    """Returns (decisions, weights, callback); ``resume``: a checkpoint folder to resume from."""
+    """Returns (decisions, weights, callback); ``resume``: a checkpoint folder to resume from.
+
+    With ``deepspeed`` the Trainer uses the process group already set up (gloo, by the
+    Accelerate run): without a GPU, its own set-up would leave each process alone.
+    """
+    from accelerate.state import AcceleratorState
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from slimfit_accel.integrations.trainer import SlimFitCallback
@@ -99,7 +113,10 @@ def trainer_run(
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None, report_to=[], logging_strategy="no", disable_tqdm=True,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, seed=0,
         dataloader_num_workers=0, restore_callback_states_from_checkpoint=restore_callbacks,
+        deepspeed=deepspeed, accelerator_config={"use_configured_state": True} if deepspeed else None,
     )
+    if deepspeed:
+        AcceleratorState._reset_state()  # one DeepSpeed plugin per Accelerator state
     trainer = Trainer(model=make_model(), args=args, train_dataset=data, callbacks=[slimfit_callback, Recorder()])
     trainer.train(resume_from_checkpoint=resume)
     return decisions, weights(trainer.model), slimfit_callback
