@@ -15,12 +15,13 @@ SMALL = ["--train-size", "64", "--test-size", "64", "--epochs", "1", "--batch-si
 
 def test_recipe_runs_slimfit_on_the_real_model(tmp_path):
     out = tmp_path / "state"
-    done = subprocess.run([*RECIPE, *SMALL, "--output-dir", str(out)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([*RECIPE, *SMALL, "--output-dir", str(out), "--checkpointing-steps", "3"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "test accuracy before training (untrained head):" in done.stdout
+    assert "before training (untrained head): accuracy" in done.stdout and "majority-class baseline" in done.stdout
     assert "trained 3 optimizer steps" in done.stdout
     assert "SlimFit freezing" in done.stdout and "weight_delta / ils" in done.stdout
-    assert (out / "custom_checkpoint_0.pkl").exists()  # the controller's state, for resuming
+    assert (out / "checkpoints" / "step_000003" / "custom_checkpoint_0.pkl").exists()  # the controller's state, for resuming
+    assert (out / "summary.json").is_file() and (out / "final" / "model.safetensors").is_file()
 
 
 def test_recipe_rejects_a_bad_config_before_anything_is_written(tmp_path):
