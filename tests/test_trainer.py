@@ -52,7 +52,9 @@ def test_resume_continues_the_same_freeze_sequence(straight, tmp_path, capsys, r
     )
     assert resumed == decisions[3:]
     assert max_difference(resumed_weights, weights) <= 1e-6
-    assert "SlimFit freezing" in capsys.readouterr().out  # the report, printed at the end
+    printed = capsys.readouterr().out
+    assert "trainable params: " in printed and "SlimFit candidates: " in printed  # the summary, at start
+    assert "SlimFit freezing" in printed  # the report, at the end
 
 
 def test_resume_from_a_checkpoint_without_slimfit_state_is_refused(straight, tmp_path):
@@ -92,3 +94,19 @@ def test_trainer_with_peft_trains_only_adapters_and_head(tmp_path):
             assert id(param) not in in_optimizer, name
     assert all(".lora_" in n or ".modules_to_save." in n for n in callback.report.trained_steps)
     assert callback.report.steps == 4
+
+
+def test_ddp_without_find_unused_parameters_is_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    import accelerate.state
+    from accelerate.utils import DistributedType
+
+    from slimfit_accel import IntegrationError
+    from slimfit_accel.integrations.trainer import _check_ddp
+
+    two = SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU)
+    monkeypatch.setattr(accelerate.state, "PartialState", lambda: two)
+    with pytest.raises(IntegrationError, match="ddp_find_unused_parameters=True"):
+        _check_ddp(SimpleNamespace(ddp_find_unused_parameters=False), tiny_bert())
+    _check_ddp(SimpleNamespace(ddp_find_unused_parameters=None, activation_checkpointing=False), tiny_bert())

@@ -16,8 +16,8 @@ and ``_prepare_for_training``, transformers 5.x) and what the callback does ther
   while ``create_optimizer`` (it keeps only ``requires_grad`` parameters) and
   ``accelerator.prepare`` (DDP records the trainable set) run inside ``train()``.
 - ``on_train_begin`` (after the optimizer exists, the model is wrapped and a checkpoint's
-  optimizer state is loaded): ``attach`` to the Trainer's optimizer; on resume, load the SlimFit
-  state stored in the checkpoint.
+  optimizer state is loaded): print ``slimfit.summary()``, ``attach`` to the Trainer's
+  optimizer; on resume, load the SlimFit state stored in the checkpoint.
 - ``on_step_begin`` (before the first micro-batch of an optimizer step) to ``on_step_end``
   (after ``optimizer.step()`` and ``zero_grad``): one ``slimfit.step()`` block around all
   micro-batches of the step, so the freeze decision is taken once before the first forward,
@@ -108,6 +108,8 @@ class SlimFitCallback(TrainerCallback, ExportableState):
         if self.slimfit is None or self.slimfit.model is not model:
             self._prepare(model)  # e.g. a Trainer built with model_init
         _check_ddp(args, model)
+        if self.print_report and state.is_world_process_zero:
+            print(self.slimfit.summary())  # like PEFT's print_trainable_parameters, plus SlimFit's split
         self.slimfit.attach(_TrainerAccelerator(model), model, optimizer, total_steps=state.max_steps or None)
         saved = _saved_state(state, type(self).__name__)
         if saved is not None:
