@@ -349,6 +349,8 @@ def train(args, accelerator: Accelerator, inputs: Inputs, slimfit: SlimFit | Non
             step_started = time.perf_counter()
         after = evaluate(accelerator, model, test_dl, num_classes)
         epochs.append({"epoch": epoch + 1, "step": steps, **after})
+        if args.report_to != "none":
+            accelerator.log({"test_accuracy": after["accuracy"], "test_macro_f1": after["macro_f1"]}, step=steps)
         if accelerator.is_main_process:  # above the progress bar, not glued to it
             progress.write(f"{label}epoch {epoch + 1}: {describe(after, baseline, data.label_names[majority])}", file=sys.stdout)
     progress.close()

@@ -147,3 +147,34 @@ def test_csv_under_accelerate_launch_with_zero2_on_two_processes(assets, tmp_pat
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["data"]["sizes"] == {"train": 48, "test": 16}
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def _tensorboard_scalars(folder: Path) -> dict[str, list[float]]:
+    """Scalars from TensorBoard event files (TFRecords of Event protos), read without TensorBoard."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[float]] = {}
+    for path in folder.rglob("events.out.tfevents.*"):
+        raw, at = path.read_bytes(), 0
+        while at < len(raw):
+            (length,) = struct.unpack("<Q", raw[at:at + 8])
+            event = event_pb2.Event.FromString(raw[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append(value.simple_value)
+    return scalars
+
+
+def test_report_to_tensorboard_logs_every_step(assets, tmp_path):
+    pytest.importorskip("tensorboardX")
+    out = tmp_path / "out"
+    finetune.main(["--model", str(assets["bert"]), "--train-file", str(assets["train_csv"]), "--test-file", str(assets["test_csv"]),
+                   *TEXT, *SMALL, "--epochs", "1", "--report-to", "tensorboard", "--output-dir", str(out)])
+    scalars = _tensorboard_scalars(out)
+    for tag in ("loss", "lr", "trainable_fraction", "activation_bytes_stored", "activation_bytes_raw"):
+        assert len(scalars[tag]) == 6, tag
+    assert all(0 < f < 1 for f in scalars["trainable_fraction"])
+    assert all(s < r for s, r in zip(scalars["activation_bytes_stored"], scalars["activation_bytes_raw"]))
+    assert len(scalars["test_accuracy"]) == 1
