@@ -70,7 +70,8 @@ class SlimFitCallback(TrainerCallback, ExportableState):
     """Per-step freezing and activation compression for ``transformers.Trainer``.
 
     ``config``: a SlimFit YAML path, a dict or a ``SlimFitConfig``. ``plugins``: extra plugin
-    objects, as for ``SlimFit.from_config``. ``print_report``: print the report when training ends.
+    objects, as for ``SlimFit.from_config``. ``print_report``: print the parameter summary when
+    training starts and the report when it ends (main process).
     After training, ``callback.report`` holds it; while training, ``callback.slimfit`` is the
     ``SlimFit`` (``callback.slimfit.summary()`` gives the parameter counts).
     """
