@@ -34,7 +34,7 @@ from .errors import IntegrationError
 from .memory import MemoryMeter
 from .plugins import StrategyRegistry
 from .report import SlimFitReport, build_report
-from .stepping import StepBackend, TorchStepBackend
+from .stepping import StepBackend, TorchStepBackend, reentrant_checkpointing
 from .units import ParameterSummary, UnitSet, discover_units, full_numel
 
 
@@ -193,6 +193,12 @@ class SlimFit:
             raise IntegrationError(
                 "DDP was built with find_unused_parameters=False, so it would wait for gradients of "
                 "frozen units. Pass kwargs_handlers=SlimFit.kwargs_handlers() to Accelerator(...)."
+            )
+        if isinstance(model, nn.parallel.DistributedDataParallel) and reentrant_checkpointing(model.module):
+            raise IntegrationError(
+                "gradient checkpointing with use_reentrant=True does not work under DDP with SlimFit: "
+                "frozen units need find_unused_parameters=True, which reentrant backward breaks. Enable it "
+                "with model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})."
             )
         torch_optimizer = getattr(optimizer, "optimizer", optimizer)
         if not isinstance(torch_optimizer, torch.optim.Optimizer):

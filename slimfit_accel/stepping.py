@@ -93,3 +93,22 @@ class TorchStepBackend:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def reentrant_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether ``model`` uses transformers' gradient checkpointing with ``use_reentrant=True``.
+
+    DDP cannot run it with ``find_unused_parameters=True`` (which frozen units need): the
+    reentrant backward marks parameters ready a second time. Models enable it with
+    ``gradient_checkpointing_enable``, which leaves a ``functools.partial`` of
+    ``torch.utils.checkpoint.checkpoint`` on each checkpointed module; torch's default when the
+    keyword is missing is reentrant.
+    """
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            function = getattr(module, "_gradient_checkpointing_func", None)
+            keywords = getattr(function, "keywords", None) or {}
+            if keywords.get("use_reentrant", True):
+                return True
+    return False
+
