@@ -110,3 +110,7 @@ def test_ddp_without_find_unused_parameters_is_refused(monkeypatch):
     with pytest.raises(IntegrationError, match="ddp_find_unused_parameters=True"):
         _check_ddp(SimpleNamespace(ddp_find_unused_parameters=False), tiny_bert())
     _check_ddp(SimpleNamespace(ddp_find_unused_parameters=None, activation_checkpointing=False), tiny_bert())
+    checkpointed = tiny_bert()
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(IntegrationError, match="use_reentrant"):
+        _check_ddp(SimpleNamespace(ddp_find_unused_parameters=True), checkpointed)

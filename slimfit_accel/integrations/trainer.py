@@ -60,6 +60,7 @@ from ..config import SlimFitConfig, load_config
 from ..errors import IntegrationError
 from ..report import SlimFitReport
 from ..slimfit import SlimFit
+from ..stepping import reentrant_checkpointing
 
 # The SlimFit that prepared a model: a callback the Trainer re-creates from its checkpointed
 # state (restore_callback_states_from_checkpoint) reuses it, plugins included.
@@ -191,6 +192,12 @@ def _check_ddp(args: Any, model: nn.Module) -> None:
 
     launched = PartialState()
     if launched.num_processes > 1 and launched.distributed_type != DistributedType.DEEPSPEED:
+        if reentrant_checkpointing(model):
+            raise IntegrationError(
+                "SlimFitCallback: activation checkpointing with use_reentrant=True does not work under DDP with "
+                "SlimFit (frozen units need find_unused_parameters=True, which reentrant backward breaks). Set "
+                "TrainingArguments(activation_checkpointing_kwargs={'use_reentrant': False}, ddp_find_unused_parameters=True)."
+            )
         find_unused = args.ddp_find_unused_parameters
         if find_unused is None:
             find_unused = not (getattr(model, "is_activation_checkpointing", False) or getattr(args, "activation_checkpointing", False))
