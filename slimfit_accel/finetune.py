@@ -60,6 +60,9 @@ from slimfit_accel.recipes.tasks import check_model_folder, check_vocabulary, en
 
 LR_SCHEDULERS = ("linear", "constant", "cosine")
 TRACKERS = ("tensorboard", "wandb", "all", "none")
+#: Settings a resumed run must share with the run that saved the checkpoint (else batches and steps differ).
+RESUME_SAME = ("train_file", "test_file", "dataset", "train_size", "test_size", "split_seed", "seed", "epochs",
+               "batch_size", "grad_accum", "max_length", "lr", "lr_scheduler", "warmup_ratio", "max_steps")
 
 
 def default_slimfit_config() -> str:
@@ -220,6 +223,12 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         arms = {"run": None if args.no_slimfit else SlimFit.from_config(args.slimfit_config or default_slimfit_config())}
     resume = resolve_resume(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
+    if resume is not None:
+        changed = {k: (v, getattr(args, k)) for k, v in read_state(resume).get("args", {}).items() if getattr(args, k) != v}
+        if changed:
+            key, (then, now) = next(iter(changed.items()))
+            raise RecipeError(f"--resume-from-checkpoint {resume}: it was made with --{key.replace('_', '-')} {then}, "
+                              f"this run has {now}; resume with the same settings")
     accelerator = build_accelerator(args.grad_accum, find_unused_parameters=any(s is not None for s in arms.values()),
                                     report_to=args.report_to, output_dir=args.output_dir)
     if not accelerator.is_local_main_process:  # one copy of the logs and progress bars
@@ -231,7 +240,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compare:
         from slimfit_accel.recipes.compare import run_compare
 
-        return run_compare(args, accelerator, inputs, arms, train)
+        def fresh_accelerator() -> Accelerator:  # each arm its own: nothing of the previous arm stays registered
+            return build_accelerator(args.grad_accum, find_unused_parameters=True, report_to=args.report_to, output_dir=args.output_dir)
+
+        return run_compare(args, accelerator, inputs, arms, train, fresh_accelerator)
     return train(args, accelerator, inputs, arms["run"], output_dir=args.output_dir, resume=resume)
 
 
@@ -303,7 +315,7 @@ def train(args, accelerator: Accelerator, inputs: Inputs, slimfit: SlimFit | Non
         accelerator.print(f"resumed from {resume} at optimizer step {steps} (epoch {start_epoch}, batch {skip})")
 
     if args.report_to != "none":
-        accelerator.init_trackers("slimfit-finetune", config=_flat_config(args))
+        accelerator.init_trackers("slimfit-finetune" + (f"-{label.strip(' []')}" if label else ""), config=_flat_config(args))
 
     # Train.
     model.train()
@@ -343,7 +355,8 @@ def train(args, accelerator: Accelerator, inputs: Inputs, slimfit: SlimFit | Non
                                  "activation_bytes_raw": last.activations_raw if last else 0}, step=steps)
             if output_dir and args.checkpointing_steps and steps % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, checkpoint_dir(output_dir, steps),
-                                {"step": steps, "epoch": epoch, "batches_in_epoch": seen, "timeline": timeline, "epochs": epochs})
+                                {"step": steps, "epoch": epoch, "batches_in_epoch": seen, "timeline": timeline, "epochs": epochs,
+                                 "args": {k: getattr(args, k) for k in RESUME_SAME}})
             if steps >= total_steps:
                 break
             step_started = time.perf_counter()

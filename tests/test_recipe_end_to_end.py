@@ -132,6 +132,12 @@ def test_resume_in_a_new_process_matches_an_uninterrupted_run(assets, tmp_path):
     accuracy = sum(names[p] == r["sentiment"] for p, r in zip(predicted, rows)) / len(rows)
     assert accuracy == pytest.approx(a["accuracy_after"])
 
+    # Resuming with other settings would take other batches: refused, one line, nothing written.
+    other = tmp_path / "other"
+    done = _recipe([*common, "--batch-size", "4", "--output-dir", str(other), "--resume-from-checkpoint", str(straight / "checkpoints" / "step_000003")])
+    assert done.returncode == 2 and not other.exists()
+    assert done.stderr.strip().splitlines()[-1].endswith("it was made with --batch-size 8, this run has 4; resume with the same settings")
+
 
 @pytest.mark.slow
 def test_csv_under_accelerate_launch_with_zero2_on_two_processes(assets, tmp_path):

@@ -52,15 +52,18 @@ def arm_slimfits(spec: str, slimfit_config: str) -> dict[str, SlimFit | None]:
     return {name: None if configs[name] is None else SlimFit.from_config(configs[name]) for name in names}
 
 
-def run_compare(args, accelerator, inputs, arms: dict[str, SlimFit | None], train: Callable[..., dict]) -> dict:
-    """Train every arm in turn and write the comparison; returns ``{"arms": {name: metrics}, ...}``."""
+def run_compare(args, accelerator, inputs, arms: dict[str, SlimFit | None], train: Callable[..., dict],
+                new_accelerator: Callable[[], Any]) -> dict:
+    """Train every arm in turn and write the comparison; returns ``{"arms": {name: metrics}, "output_dir": ...}``."""
     output = Path(args.output_dir or "runs/compare")
     results: dict[str, dict] = {}
     before = None  # the same untrained model in every arm: evaluated once
-    for name, slimfit in arms.items():
+    for i, (name, slimfit) in enumerate(arms.items()):
+        if i:
+            accelerator.free_memory()  # drop the previous arm's model and optimizer
+            accelerator = new_accelerator()
         results[name] = train(args, accelerator, inputs, slimfit, output_dir=str(output / name), label=f"[{name}] ", before=before)
         before = {"accuracy": results[name]["accuracy_before"], "macro_f1": results[name]["macro_f1_before"]}
-        accelerator.free_memory()  # drop this arm's model and optimizer before the next
     table = render_table(results)
     accelerator.print(table)
     if accelerator.is_main_process:
