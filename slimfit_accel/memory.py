@@ -18,6 +18,9 @@ so it means the same on CPU, CUDA or anything else:
   nothing and counts exactly what autograd saves.
 - ``total``: the peak within the step of params + optimizer + live grads + live activations,
   updated whenever activations or gradients grow and after every optimizer step.
+- Figures are this process's. Under several ranks the report says so (``RankScope``), and
+  under DeepSpeed ZeRO which categories are this rank's partition; ``gather_ranks`` adds the
+  last step summed over all ranks.
 - ``peak_cuda``: on CUDA, also ``torch.cuda.max_memory_allocated`` (reset at each step start),
   which includes what the categories do not (temporaries, allocator rounding, workspaces).
 
@@ -103,8 +106,9 @@ def innermost_torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
 def optimizer_bytes(optimizer: Any, model: nn.Module | None = None) -> int:
     """Bytes of optimizer state: state tensors plus stepped copies that are not model parameters.
 
-    Counts the innermost torch optimizer's ``state`` and its ``param_groups`` tensors that are
-    not ``model``'s parameters (fp32 masters, DeepSpeed's flat partitions); each storage once.
+    Counts the innermost torch optimizer's ``state`` and the tensors it steps (in its
+    ``param_groups`` or keying its state) that are not ``model``'s parameters (fp32 masters,
+    DeepSpeed's flat partitions); each byte once.
     """
     inner = innermost_torch_optimizer(optimizer)
     if inner is None:
@@ -116,15 +120,34 @@ def optimizer_bytes(optimizer: Any, model: nn.Module | None = None) -> int:
             partition = getattr(param, "ds_tensor", None)
             if isinstance(partition, torch.Tensor):
                 model_keys.add(_key(partition))
-    seen: set[tuple[int, int]] = set()
-    total = 0
     candidates = [t for state in inner.state.values() for t in _tensors(state)]
-    candidates += [p for group in inner.param_groups for p in group["params"] if _key(p) not in model_keys]
-    for tensor in candidates:
-        key = _key(tensor)
-        if key not in seen and tensor.numel():
-            seen.add(key)
-            total += _nbytes(tensor)
+    # Stepped copies: what the groups hold now, and what has state (ZeRO-3 empties its groups
+    # between steps but keys the state by its fp32 partitions).
+    stepped = [p for group in inner.param_groups for p in group["params"]]
+    stepped += [p for p in inner.state if isinstance(p, torch.Tensor)]
+    candidates += [p for p in stepped if _key(p) not in model_keys]
+    return _covered_bytes(candidates)
+
+
+def _covered_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes the tensors cover, each byte once: views may overlap (during a ZeRO step the
+    optimizer holds slices of DeepSpeed's flat partitions and state next to the flat tensors)."""
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for tensor in tensors:
+        if tensor.numel():
+            start = tensor.data_ptr()
+            spans.setdefault(tensor.untyped_storage().data_ptr(), []).append((start, start + _nbytes(tensor)))
+    total = 0
+    for ranges in spans.values():
+        ranges.sort()
+        low, high = ranges[0]
+        for start, end in ranges[1:]:
+            if start > high:
+                total += high - low
+                low, high = start, end
+            else:
+                high = max(high, end)
+        total += high - low
     return total
 
 
@@ -152,15 +175,61 @@ class StepMemory:
         return self.activations_raw / self.activations if self.activations else 1.0
 
 
+_ZERO_PARTITIONED = {1: "optimizer state", 2: "gradients and optimizer state", 3: "parameters, gradients and optimizer state"}
+
+
+@dataclass
+class RankScope:
+    """Whose memory the figures are: this process's, one of ``world_size`` ranks; under
+    DeepSpeed ZeRO (``zero_stage``) the partitioned categories hold only this rank's slice."""
+
+    rank: int = 0
+    world_size: int = 1
+    zero_stage: int | None = None
+
+    def describe(self) -> str:
+        if self.world_size == 1 and not self.zero_stage:
+            return "this process"
+        text = f"per rank (rank {self.rank} of {self.world_size})"
+        if self.zero_stage:
+            text += f"; ZeRO-{self.zero_stage}: {_ZERO_PARTITIONED[self.zero_stage]} are this rank's partition"
+        return text
+
+
+def rank_scope(optimizer: Any = None) -> RankScope:
+    """This process's rank and world size, and the ZeRO stage of ``optimizer``'s chain if any."""
+    import torch.distributed as dist
+
+    scope = RankScope()
+    if dist.is_available() and dist.is_initialized():
+        scope.rank, scope.world_size = dist.get_rank(), dist.get_world_size()
+    for wrapped in optimizer_chain(optimizer) if optimizer is not None else []:
+        kind = type(wrapped).__name__
+        if kind == "DeepSpeedZeroOptimizer_Stage3":
+            scope.zero_stage = 3
+        elif kind == "DeepSpeedZeroOptimizer":
+            scope.zero_stage = 2 if getattr(wrapped, "partition_gradients", False) else 1
+    return scope
+
+
+_SUMMED = ("params", "grads", "optimizer", "activations", "activations_raw", "total")
+
+
 @dataclass
 class MemoryReport:
-    """``last``: the last step; ``peak``: each category's largest value over all steps."""
+    """``last``: the last step; ``peak``: each category's largest value over all steps.
+
+    ``scope`` says whose figures they are (see ``RankScope``). ``all_ranks``, filled by
+    ``gather_ranks``, is the last step summed over every rank (what the whole job holds).
+    """
 
     steps: int
     last: StepMemory
     peak: StepMemory
     mean_step_time_s: float
     by_compressor: dict[str, list[int]] = field(default_factory=dict)
+    scope: RankScope = field(default_factory=RankScope)
+    all_ranks: StepMemory | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -170,10 +239,13 @@ class MemoryReport:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"Memory by category ({self.steps} steps)", show_header=True, header_style="bold")
+        title = f"Memory by category ({self.steps} steps), {self.scope.describe()}"
+        table = Table(title=title, show_header=True, header_style="bold")
         table.add_column("category")
         table.add_column("last step", justify="right")
         table.add_column("peak over steps", justify="right")
+        if self.all_ranks is not None:
+            table.add_column(f"last step, sum of {self.scope.world_size} ranks", justify="right")
         rows = [
             ("parameters", "params"),
             ("gradients (peak live)", "grads"),
@@ -182,9 +254,12 @@ class MemoryReport:
             ("saved activations, stored (peak live)", "activations"),
             ("total (peak of the sum)", "total"),
         ]
+        gathered = self.all_ranks is not None
         for label, name in rows:
-            table.add_row(label, format_bytes(getattr(self.last, name)), format_bytes(getattr(self.peak, name)))
-        table.add_row("activation compression", f"{self.last.compression_ratio:.2f}x", f"{self.peak.compression_ratio:.2f}x")
+            row = [label, format_bytes(getattr(self.last, name)), format_bytes(getattr(self.peak, name))]
+            table.add_row(*row, *([format_bytes(getattr(self.all_ranks, name))] if gathered else []))
+        ratio = [f"{self.last.compression_ratio:.2f}x", f"{self.peak.compression_ratio:.2f}x"]
+        table.add_row("activation compression", *ratio, *([f"{self.all_ranks.compression_ratio:.2f}x"] if gathered else []))
         if self.last.peak_cuda is not None:
             table.add_row("CUDA allocator peak", format_bytes(self.last.peak_cuda), format_bytes(self.peak.peak_cuda or 0))
         table.add_row("step time", f"{self.last.time_s:.3f} s", f"mean {self.mean_step_time_s:.3f} s")
@@ -318,10 +393,13 @@ class MemoryMeter:
                 self._finish(current)
 
     def summary(self) -> MemoryReport:
-        """Last step and per-category peak over all steps measured so far."""
+        """Last step and per-category peak over all steps measured so far, on this rank."""
         last = self.last or StepMemory()
         mean = self._time_sum / self._steps if self._steps else 0.0
-        return MemoryReport(steps=self._steps, last=last, peak=self._peak, mean_step_time_s=mean, by_compressor=self._by_compressor)
+        return MemoryReport(
+            steps=self._steps, last=last, peak=self._peak, mean_step_time_s=mean,
+            by_compressor=self._by_compressor, scope=rank_scope(self.optimizer),
+        )
 
     def close(self) -> None:
         """Remove every hook (and the meter's own engine)."""
@@ -392,6 +470,24 @@ class MemoryMeter:
         for param in self.model.parameters():
             return param.device
         return None
+
+
+def gather_ranks(report: MemoryReport) -> MemoryReport:
+    """Fill ``report.all_ranks``: the last step's figures summed over every rank.
+
+    A collective: every rank must call it (one all-reduce of a few integers). Under ZeRO the sum
+    of the partitioned categories is what the job holds in total; a single process gets its own
+    figures back.
+    """
+    import torch.distributed as dist
+
+    values = torch.tensor([getattr(report.last, name) for name in _SUMMED], dtype=torch.int64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            values = values.cuda()
+        dist.all_reduce(values)
+    report.all_ranks = StepMemory(step=report.last.step, **dict(zip(_SUMMED, values.cpu().tolist())))
+    return report
 
 
 def format_bytes(n: int | float) -> str:

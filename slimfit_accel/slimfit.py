@@ -31,7 +31,7 @@ from .compression import CompressionEngine, CompressionPolicy, slimfit_policy, s
 from .config import SlimFitConfig, load_config
 from .controller import FreezeController
 from .errors import IntegrationError
-from .memory import MemoryMeter
+from .memory import MemoryMeter, gather_ranks
 from .plugins import StrategyRegistry
 from .report import SlimFitReport, build_report
 from .stepping import StepBackend, TorchStepBackend, reentrant_checkpointing
@@ -159,12 +159,20 @@ class SlimFit:
         finally:
             self.controller.end_step()
 
-    def report(self) -> SlimFitReport:
+    def report(self, gather: bool = False) -> SlimFitReport:
         """What was frozen and trained, and memory by category (saved activations before and after
-        compression); ``.render()`` gives tables, ``.to_dict()`` the same as data."""
+        compression); ``.render()`` gives tables, ``.to_dict()`` the same as data.
+
+        Memory figures are this rank's (under ZeRO: its partitions), and labelled so.
+        ``gather=True`` adds the last step summed over all ranks; it is a collective, so then
+        call ``report`` on every rank.
+        """
         if self.controller is None:
             raise IntegrationError("nothing to report: attach() was not called")
-        return build_report(self.controller, self.memory.summary() if self.memory is not None else None)
+        memory = self.memory.summary() if self.memory is not None else None
+        if gather and memory is not None:
+            memory = gather_ranks(memory)
+        return build_report(self.controller, memory)
 
     def detach(self) -> None:
         """Stop: every unit trainable again (parameters the user froze stay frozen: they are not

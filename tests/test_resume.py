@@ -5,6 +5,8 @@ under torchrun: DDP, ZeRO-1, ZeRO-2, ZeRO-2 with CPU offload, ZeRO-3; plain pyth
 process). The straight run saves at the end of step 5 and after the first micro-batch of step 5;
 a new process loads each and trains on. Compared here: the freeze decision of every step, the
 observer log (no decision announced for a step not trained), scores, and the fp32 weights.
+The straight launch also writes every rank's gathered SlimFit report next to what DeepSpeed
+holds on that rank, so the report's per-rank labels and ZeRO partition sizes are checked too.
 """
 
 from __future__ import annotations
@@ -91,3 +93,36 @@ def test_state_saved_mid_accumulation_resumes_the_same_step(runs, backend):
     assert mid["decisions"][0] == straight["decisions"][SAVE_AT]
     assert decided_steps(mid["events"]) == list(range(SAVE_AT, STEPS))
     assert all(torch.isfinite(w).all() for w in mid_state["weights"].values())
+
+
+def rank_reports(runs: Path, backend: str) -> list[dict]:
+    return [json.loads((runs / backend / f"report_rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("backend", DISTRIBUTED)
+def test_report_is_labelled_per_rank_and_matches_deepspeed_partitions(runs, backend):
+    """The same straight launch writes every rank's gathered report and what DeepSpeed holds."""
+    ranks = rank_reports(runs, backend)
+    stage = {"ddp": None, "zero1": 1, "zero2": 2, "zero2_offload": 2, "zero3": 3}[backend]
+    for rank, data in enumerate(ranks):
+        memory, held = data["report"]["memory"], data["deepspeed"]
+        assert memory["scope"] == {"rank": rank, "world_size": 2, "zero_stage": stage}
+        assert f"per rank (rank {rank} of 2)" in data["rendered"] and "sum of 2 ranks" in data["rendered"]
+        for category in ("params", "grads", "optimizer", "activations"):
+            assert memory["all_ranks"][category] == sum(r["report"]["memory"]["last"][category] for r in ranks)
+        if stage is None:
+            continue
+        assert f"ZeRO-{stage}:" in data["rendered"]
+        # Parameters: this rank's ZeRO-3 partition, else the whole model, as DeepSpeed holds them.
+        assert memory["last"]["params"] == held["param_bytes"]
+        # Optimizer: DeepSpeed's fp32 master partition plus Adam moments, and step counters.
+        extra = memory["last"]["optimizer"] - (4 * held["master_numel"] + held["moment_bytes"])
+        assert held["moment_bytes"] == 8 * held["master_numel"]
+        assert 0 <= extra <= 4 * 64, extra
+    # The partitions cover the model once (plus DeepSpeed's alignment padding).
+    held = [r["deepspeed"] for r in ranks]
+    if stage is not None:
+        assert sum(h["master_numel"] for h in held) == held[0]["model_numel"] + sum(h["padding"] for h in held)
+        params = [r["report"]["memory"]["last"]["params"] for r in ranks]
+        partitioned = held[0]["model_numel"] + sum(h["padding"] for h in held)  # ZeRO-3 pads each parameter
+        assert sum(params) == (4 * partitioned if stage == 3 else 2 * 4 * held[0]["model_numel"])

@@ -158,6 +158,34 @@ def straight(backend: str, out: Path) -> None:
 
     decisions = train(run, 0, STEPS, on_micro=save)
     record(run, out, "straight", decisions)
+    write_report(run, out)
+
+
+def write_report(run, out: Path) -> None:
+    """Every rank: the SlimFit report (gathered) and what DeepSpeed itself holds on this rank."""
+    slimfit, model, optimizer, accelerator, _ = run
+    report = slimfit.report(gather=True)
+    held = {}
+    engine = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    if engine is not None:
+        zero = engine.engine.optimizer
+        stage3 = type(zero).__name__ == "DeepSpeedZeroOptimizer_Stage3"
+        flats = zero.fp32_partitioned_groups_flat if stage3 else zero.single_partition_of_fp32_groups
+        module = model.module.parameters()
+        held = {
+            "stage": engine.engine.zero_optimization_stage(),
+            # DeepSpeed's own partitions: parameters (ZeRO-3: ds_tensor), fp32 masters, padding
+            "param_bytes": sum((p.ds_tensor if stage3 else p).numel() * 4 for p in module),
+            "master_numel": sum(f.numel() for f in flats),
+            "padding": (sum(p.padding_size() for group in zero.fp16_groups for p in group) if stage3
+                        else sum(zero.groups_padding)),
+            "model_numel": sum(p.ds_numel if stage3 else p.numel() for p in model.module.parameters()),
+            "moment_bytes": sum(s[k].numel() * s[k].element_size() for s in zero.optimizer.state.values()
+                                for k in ("exp_avg", "exp_avg_sq") if k in s),
+        }
+    (out / f"report_rank{accelerator.process_index}.json").write_text(
+        json.dumps({"report": report.to_dict(), "rendered": report.render(), "deepspeed": held}, default=str))
+    accelerator.wait_for_everyone()
 
 
 def resume(backend: str, out: Path) -> None:
