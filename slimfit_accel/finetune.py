@@ -248,10 +248,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def train(args, accelerator: Accelerator, inputs: Inputs, slimfit: SlimFit | None, output_dir: str | None,
-          resume: Path | None = None, label: str = "", before: dict | None = None) -> dict:
+          resume: Path | None = None, label: str = "", before: dict | None = None, adapt=None) -> dict:
     """One fine-tuning run; returns its metrics. ``slimfit=None``: full fine-tuning, measured the same way.
 
     ``before``: the untrained model's scores when already known (arms of a comparison share them).
+    ``adapt``: turns the loaded model into what trains (e.g. LoRA adapters around it).
     """
     data = inputs.data
     num_classes = len(data.label_names)
@@ -261,6 +262,8 @@ def train(args, accelerator: Accelerator, inputs: Inputs, slimfit: SlimFit | Non
     pad_id = getattr(inputs.preprocessor, "pad_token_id", None)
     model = load_model(inputs.model_path, inputs.task, data.label_names, pad_token_id=pad_id)
     # SlimFit wraps the model before `prepare`: DDP and ZeRO record every candidate as trainable.
+    if adapt is not None:
+        model = adapt(model)
     if slimfit is not None:
         model = slimfit.prepare_model(model)
 
@@ -393,6 +396,7 @@ def train(args, accelerator: Accelerator, inputs: Inputs, slimfit: SlimFit | Non
         "report": report.to_dict() if report is not None else None,
         "units": unit_names,
         "timeline": timeline,
+        "adapters": adapt is not None,
     }
     if output_dir:
         save_final(accelerator, model, inputs, Path(output_dir))
@@ -414,9 +418,13 @@ def save_final(accelerator: Accelerator, model, inputs: Inputs, output_dir: Path
     """``OUTPUT/final``: model, config (with the class names) and tokenizer or image processor,
     loadable with ``from_pretrained``; ``OUTPUT/labels.json`` maps class ids to names."""
     final = output_dir / "final"
-    state = accelerator.get_state_dict(model)  # every rank: ZeRO-3 gathers the partitions
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(final, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=state)
+    if hasattr(unwrapped, "merge_and_unload"):  # LoRA: fold the adapters in, so final/ is a plain model
+        if accelerator.is_main_process:
+            unwrapped.merge_and_unload().save_pretrained(final)
+    else:
+        state = accelerator.get_state_dict(model)  # every rank: ZeRO-3 gathers the partitions
+        unwrapped.save_pretrained(final, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=state)
     if accelerator.is_main_process:
         inputs.preprocessor.save_pretrained(final)
         (output_dir / "labels.json").write_text(json.dumps(dict(enumerate(inputs.data.label_names)), indent=2))

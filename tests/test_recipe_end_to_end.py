@@ -184,3 +184,19 @@ def test_report_to_tensorboard_logs_every_step(assets, tmp_path):
     assert all(0 < f < 1 for f in scalars["trainable_fraction"])
     assert all(s < r for s, r in zip(scalars["activation_bytes_stored"], scalars["activation_bytes_raw"]))
     assert len(scalars["test_accuracy"]) == 1
+
+
+def test_compare_other_arms_freeze_only_lisa_and_lora(assets, tmp_path):
+    pytest.importorskip("peft")
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "compare"
+    result = finetune.main(["--model", str(assets["bert"]), "--train-file", str(assets["train_csv"]), "--test-file",
+                            str(assets["test_csv"]), *TEXT, *SMALL, "--epochs", "1", "--compare", "freeze_only,lisa,lora", "--output-dir", str(out)])
+    arms = result["arms"]
+    peak = {name: arm["memory"]["peak"] for name, arm in arms.items()}
+    assert peak["freeze_only"]["activations"] == peak["freeze_only"]["activations_raw"]  # no compression
+    assert arms["lisa"]["report"]["scheduler"] == "random_layers"
+    assert arms["lora"]["adapters"] and arms["lora"]["report"] is None
+    assert peak["lora"]["optimizer"] < peak["freeze_only"]["optimizer"]  # Adam state for adapters and head only
+    AutoModelForSequenceClassification.from_pretrained(out / "lora" / "final")  # adapters merged: a plain model

@@ -6,7 +6,8 @@ batch order); only what is frozen and compressed differs:
 - ``full``: full fine-tuning, memory measured by the same meter with nothing frozen;
 - ``slimfit``: the SlimFit config given (default: the packaged demo config);
 - ``freeze_only``: the same config without activation compression;
-- ``lisa``: LISA-style random blocks (``random_layers``: 2 blocks, switched every 20 steps).
+- ``lisa``: LISA-style random blocks (``random_layers``: 2 blocks, switched every 20 steps);
+- ``lora``: PEFT LoRA (r=8 on every linear layer of the body, the head trained whole).
 
 Written to OUTPUT: ``compare.json`` (every arm's metrics), ``compare.md`` (the table), and
 two pictures: ``freeze_timeline.png`` (units by steps, trained or frozen, per arm) and
@@ -15,6 +16,7 @@ two pictures: ``freeze_timeline.png`` (units by steps, trained or frozen, per ar
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 from pathlib import Path
@@ -29,7 +31,8 @@ from slimfit_accel.memory import format_bytes
 
 from . import RecipeError
 
-ARMS = ("full", "slimfit", "freeze_only", "lisa")
+ARMS = ("full", "slimfit", "freeze_only", "lisa", "lora")
+LORA_RANK = 8
 CATEGORIES = ("params", "grads", "optimizer", "activations")
 
 
@@ -48,7 +51,10 @@ def arm_slimfits(spec: str, slimfit_config: str) -> dict[str, SlimFit | None]:
         "freeze_only": base.model_copy(update={"compression": "none"}),
         "lisa": {"seed": base.seed, "units": {"granularity": "tensor", "always_train": ["head"]},
                  "scheduler": {"name": "random_layers", "n_blocks": 2, "interval": 20}, "compression": "none"},
+        "lora": None,
     }
+    if "lora" in names and importlib.util.find_spec("peft") is None:
+        raise RecipeError("--compare lora needs PEFT: pip install peft")
     return {name: None if configs[name] is None else SlimFit.from_config(configs[name]) for name in names}
 
 
@@ -62,7 +68,9 @@ def run_compare(args, accelerator, inputs, arms: dict[str, SlimFit | None], trai
         if i:
             accelerator.free_memory()  # drop the previous arm's model and optimizer
             accelerator = new_accelerator()
-        results[name] = train(args, accelerator, inputs, slimfit, output_dir=str(output / name), label=f"[{name}] ", before=before)
+        adapt = add_lora if name == "lora" else None
+        results[name] = train(args, accelerator, inputs, slimfit, output_dir=str(output / name), label=f"[{name}] ",
+                              before=before, adapt=adapt)
         before = {"accuracy": results[name]["accuracy_before"], "macro_f1": results[name]["macro_f1_before"]}
     table = render_table(results)
     accelerator.print(table)
@@ -74,6 +82,17 @@ def run_compare(args, accelerator, inputs, arms: dict[str, SlimFit | None], trai
         accelerator.print(f"wrote {output}/compare.json, compare.md, freeze_timeline.png, memory_breakdown.png")
     accelerator.wait_for_everyone()
     return {"arms": results, "output_dir": str(output)}
+
+
+def add_lora(model):
+    """LoRA adapters on the body's linear layers; the task head trains whole, the rest is frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    from slimfit_accel.units import head_patterns
+
+    heads = [pattern[: -len(".*")] for pattern in head_patterns(model)]
+    config = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules="all-linear", modules_to_save=heads)
+    return get_peft_model(model, config)
 
 
 def render_table(results: dict[str, dict]) -> str:
@@ -106,7 +125,9 @@ def plot_freeze_timeline(results: dict[str, dict], path: Path) -> None:
     grids = {}
     for name, result in results.items():
         steps = result["steps"]
-        if result["units"]:
+        if result["adapters"]:  # LoRA: the base weights never train (adapters are not units)
+            grid = np.zeros((1, max(steps, 1)))
+        elif result["units"]:
             grid = np.zeros((len(result["units"]), max(steps, 1)))
             for step, trained in enumerate(result["timeline"]):
                 grid[trained, step] = 1
@@ -117,7 +138,8 @@ def plot_freeze_timeline(results: dict[str, dict], path: Path) -> None:
     for ax, (name, grid) in zip(axes[:, 0], grids.items()):
         ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1)
         share = grid.mean()
-        ax.set_title(f"{name}: {share:.0%} of unit-steps trained" + (" (every unit, every step)" if grid.shape[0] == 1 else ""), fontsize=10)
+        note = " (LoRA adapters train; base weights frozen)" if results[name]["adapters"] else (" (every unit, every step)" if grid.shape[0] == 1 else "")
+        ax.set_title(f"{name}: {share:.0%} of unit-steps trained" + note, fontsize=10)
         ax.set_ylabel("units" if grid.shape[0] > 1 else "")
         ax.set_yticks([])
     axes[-1, 0].set_xlabel("optimizer step (dark: trained, light: frozen)")
