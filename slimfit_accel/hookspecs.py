@@ -70,7 +70,9 @@ class ScheduleContext:
     frozen units keep the score they had when last trained, units never trained yet have huge
     random scores). ``generator`` is a CPU ``torch.Generator`` seeded from ``(seed, step)``, so
     every rank draws the same numbers; use it for all randomness. ``total_steps`` is the planned
-    number of optimizer steps, or None when unknown.
+    number of optimizer steps, or None when unknown. ``last_trained`` maps each unit to the last
+    step it was trained in (-1: never) and ``updates`` to how many steps it has been trained in,
+    both as of the start of this step (empty when the caller does not track them).
     """
 
     step: int
@@ -79,6 +81,8 @@ class ScheduleContext:
     generator: torch.Generator
     seed: int
     total_steps: int | None = None
+    last_trained: Mapping[str, int] = field(default_factory=dict)
+    updates: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -101,7 +105,10 @@ class SavedTensorContext:
 
     ``module_path``/``module_type`` name the innermost module running when it was saved;
     ``role`` is a hint where one can be told (e.g. ``"input"``), else None; ``frozen`` says
-    whether that module's weights are frozen this step.
+    whether that module's weights are frozen this step. ``module_kind`` says what the module
+    computes, told from its parameters and children rather than its name (``activation``,
+    ``relu``, ``norm``, ``mlp``, ``ffn_down``; empty when none applies; see
+    ``slimfit_accel.compression.kinds``).
     """
 
     module_path: str
@@ -110,6 +117,7 @@ class SavedTensorContext:
     frozen: bool
     dtype: torch.dtype
     shape: tuple[int, ...]
+    module_kind: str = ""
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def test_default_policy_follows_the_slimfit_table():
     assert (attention.name, attention.options) == ("bitmask", {"fallback": "int8"})  # masks as bits
     assert pick("h.0.attn", "GPT2Attention") == attention
     assert pick("enc.layer.0.output.dropout", "Dropout").name == "bitmask"
-    assert pick("enc.layer.0.output.LayerNorm", "LayerNorm", "normalized", True).name == "topk"
+    assert pick("enc.layer.0.output.LayerNorm", "LayerNorm", "normalized", True).name == "int4"
     assert pick("enc.layer.0.output.LayerNorm", "LayerNorm", "normalized", False).name == "none"
     assert pick("enc.layer.0.output.dense", "Linear", "input").name == "int8"  # FFN down, BERT/ViT
     assert pick("model.layers.0.mlp.down_proj", "Linear").name == "int8"  # Llama

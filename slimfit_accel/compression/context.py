@@ -1,6 +1,6 @@
 """Which module is running: a stack kept by forward pre/post hooks on every submodule.
 
-Each frame records the module's path and class name, whether it is frozen *at this forward*
+Each frame records the module's path, class name and kind (what it computes, ``kinds.py``), whether it is frozen *at this forward*
 (none of its own weights has ``requires_grad``; biases do not count, since SlimFit never
 freezes them and a bias gradient needs no saved activation; a module without parameters of its
 own is frozen when no weight under it is trainable, so a GELU or Dropout counts as frozen), the
@@ -39,6 +39,7 @@ class Frame:
     input_ptr: int
     param_ptrs: frozenset[int]
     param_shapes: frozenset[tuple[tuple[int, ...], torch.dtype]] = field(default_factory=frozenset)
+    kind: str = ""
 
 
 _OUTSIDE = Frame(path="", type_name="", frozen=False, input_ptr=0, param_ptrs=frozenset())
@@ -75,15 +76,17 @@ class ModuleContext:
         self._handles: list[Any] = []
         self._static_ptrs: frozenset[int] = frozenset()
 
-    def attach(self) -> None:
+    def attach(self, kinds: dict[str, str] | None = None) -> None:
+        """Install the hooks; ``kinds`` (``path -> kind``) labels the frames."""
         if self._handles:
             return
+        kinds = kinds or {}
         self._static_ptrs = frozenset(p for p in map(_storage_ptr, self.model.parameters()) if p)
         for path, module in self.model.named_modules():
             own = tuple(module.parameters(recurse=False))
             named = module.named_parameters(recurse=False) if own else module.named_parameters()
             weights = tuple(p for name, p in named if name.rsplit(".", 1)[-1] != "bias")
-            push = self._make_push(path, type(module).__name__, own, weights)
+            push = self._make_push(path, type(module).__name__, own, weights, kinds.get(path, ""))
             self._handles.append(module.register_forward_pre_hook(push, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._pop, always_call=True))
 
@@ -101,7 +104,7 @@ class ModuleContext:
     def depth(self) -> int:
         return len(self._stack)
 
-    def _make_push(self, path: str, type_name: str, own: tuple[nn.Parameter, ...], weights: tuple[nn.Parameter, ...]):
+    def _make_push(self, path: str, type_name: str, own: tuple[nn.Parameter, ...], weights: tuple[nn.Parameter, ...], kind: str):
         def push(_module: nn.Module, args: tuple, kwargs: dict) -> None:
             frozen = not any(p.requires_grad for p in weights)
             first = _first_tensor(args, kwargs)
@@ -113,6 +116,7 @@ class ModuleContext:
                     input_ptr=first.data_ptr() if first is not None else 0,
                     param_ptrs=frozenset(p for p in map(_storage_ptr, own) if p),
                     param_shapes=frozenset((tuple(p.shape), p.dtype) for p in own if p.dim() >= 1),
+                    kind=kind,
                 )
             )
 

@@ -36,7 +36,9 @@ from ..errors import ConfigError, PluginError
 from ..hookspecs import Compressor, SavedTensorContext
 from .accounting import ByteCounter, StepStats, packed_bytes, tensor_bytes
 from .context import ModuleContext, _storage_ptr
+from .kinds import module_kinds
 from .layernorm import swap_layernorms
+from .rmsnorm import swap_rmsnorms
 from .policy import CompressionPolicy, CompressorSpec, slimfit_policy
 from .roles import tagged_role
 
@@ -68,7 +70,7 @@ class _Seen:
 
     def __init__(self, storage) -> None:
         self.storage = storage
-        self.holders: dict[str, weakref.ref] = {}
+        self.holders: dict[str | int, weakref.ref] = {}
 
 
 class CompressionEngine:
@@ -76,8 +78,8 @@ class CompressionEngine:
 
     ``compressors`` maps compressor names to factories (``factory(**options) -> Compressor``);
     by default the installed ``slimfit_accel`` plugins provide them. ``swap_layernorm`` routes
-    stock ``nn.LayerNorm`` through an exact autograd function that saves the normalized output
-    (what SlimFit prunes) instead of the input.
+    stock ``nn.LayerNorm`` and every RMSNorm (told by what it computes) through exact autograd
+    functions that save the normalized output (what SlimFit compresses) instead of the input.
 
     Example::
 
@@ -132,10 +134,18 @@ class CompressionEngine:
             self._built[spec.key()] = compressor
 
     def attach(self) -> "CompressionEngine":
-        """Install the module-context hooks (and the LayerNorm swap). Idempotent."""
-        self._context.attach()
+        """Install the module-context hooks (and the norm swaps). Idempotent."""
+        norms: list[nn.Module] = []
         if self.swap_layernorm and self._restore_layernorms is None:
-            self._restore_layernorms = swap_layernorms(self.model)
+            restore_layernorms = swap_layernorms(self.model)
+            norms, restore_rmsnorms = swap_rmsnorms(self.model)
+
+            def restore() -> None:
+                restore_layernorms()
+                restore_rmsnorms()
+
+            self._restore_layernorms = restore
+        self._context.attach(module_kinds(self.model, frozenset(map(id, norms))))
         return self
 
     def detach(self) -> None:
@@ -177,7 +187,7 @@ class CompressionEngine:
     # ---------------------------------------------------------------- hot path
     def compressor_for(self, ctx: SavedTensorContext) -> tuple[str, Compressor]:
         """The (name, compressor) the policy picks for a saved tensor (cached per module/role)."""
-        key = (ctx.module_path, ctx.module_type, ctx.role, ctx.frozen)
+        key = (ctx.module_path, ctx.module_type, ctx.role, ctx.frozen, ctx.module_kind)
         choice = self._choice.get(key)
         if choice is None:
             spec: CompressorSpec = self.policy.select(ctx)
@@ -200,14 +210,17 @@ class CompressionEngine:
                 frozen=frame.frozen,
                 dtype=tensor.dtype,
                 shape=tuple(tensor.shape),
+                module_kind=frame.kind,
             )
             name, compressor = self.compressor_for(ctx)
         else:
             ctx, name, compressor = None, KEPT, None
 
         seen, first = self._lookup(tensor)
+        # one packed copy per compressor object (two specs may share a name: bitmask vs its sign mode)
+        slot = id(compressor) if compressor is not None else name
         if seen is not None:
-            ref = seen.holders.get(name)
+            ref = seen.holders.get(slot)
             holder = ref() if ref is not None else None
             if holder is not None:
                 return holder
@@ -218,7 +231,7 @@ class CompressionEngine:
         holder = _Saved(packed, compressor, tensor.dtype, raw, nbytes, self._counter)
         self._counter.add(name, raw, nbytes)
         if seen is not None:
-            seen.holders[name] = weakref.ref(holder)
+            seen.holders[slot] = weakref.ref(holder)
         return holder
 
     def _lookup(self, tensor: torch.Tensor) -> tuple[_Seen | None, bool]:

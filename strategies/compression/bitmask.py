@@ -6,7 +6,11 @@ that is not such a mask goes to the ``fallback`` (kept as it is by default), so 
 never corrupt a gradient. With ``fallback: int8`` it suits modules that save masks among other
 tensors (attention applies dropout to its probabilities inside the module).
 
-YAML: ``compressor: {name: bitmask}`` or ``{name: bitmask, fallback: int8}``.
+With ``sign: true`` any tensor is stored as the bits of ``x > 0`` and comes back as 1 where
+positive, 0 elsewhere: exact for ReLU and LeakyReLU, whose backward reads only that sign.
+
+YAML: ``compressor: {name: bitmask}``, ``{name: bitmask, fallback: int8}`` or
+``{name: bitmask, sign: true}``.
 """
 
 from __future__ import annotations
@@ -31,15 +35,22 @@ class BitmaskPacked(NamedTuple):
 
 @dataclass
 class Bitmask:
-    """Exact one-bit storage of 0/c masks; anything else goes to ``fallback`` (none or int8)."""
+    """Exact one-bit storage of 0/c masks; anything else goes to ``fallback`` (none or int8).
+
+    ``sign``: store the sign pattern ``x > 0`` of any tensor instead (for ReLU backward).
+    """
 
     fallback: Literal["none", "int8"] = "none"
+    sign: bool = False
     _fallback: Int8Scaled | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         self._fallback = Int8Scaled() if self.fallback == "int8" else None
 
     def pack(self, tensor: torch.Tensor, ctx: SavedTensorContext | None = None) -> Any:
+        if self.sign and tensor.is_floating_point():
+            one = torch.ones((), dtype=tensor.dtype, device=tensor.device)
+            return self._pack_bits(tensor.detach().reshape(-1) > 0, one, tensor)
         packed = self._pack_mask(tensor)
         if packed is not None:
             return packed
@@ -65,6 +76,10 @@ class Bitmask:
                 value = head_nonzero[0] if head_nonzero.numel() else flat[nonzero.byte().argmax()]
                 if not torch.equal(flat == value, nonzero):  # some non-zero differs from c
                     return None
+        return self._pack_bits(nonzero, value, tensor)
+
+    @staticmethod
+    def _pack_bits(nonzero: torch.Tensor, value: torch.Tensor, tensor: torch.Tensor) -> BitmaskPacked:
         codes = nonzero.view(torch.uint8)
         pad = (-codes.numel()) % 8
         if pad:
