@@ -100,6 +100,10 @@ def arms() -> dict[str, dict[str, Any]]:
         "ils_no_embeddings": {"slimfit": _with(REFERENCE, units={"exclude": ["*word_embeddings*"]})},
         "ils_block": {"slimfit": _with(REFERENCE, units={"granularity": "module"})},
         "full_lr2": {"slimfit": None, "lr_scale": 2.0},
+        "ils_age1": {"slimfit": _with(REFERENCE, scheduler={"age_exponent": 1.0})},
+        "ils_age1_lr2": {"slimfit": _with(REFERENCE, scheduler={"age_exponent": 1.0}), "lr_scale": 2.0},
+        "ils_age1_lr3": {"slimfit": _with(REFERENCE, scheduler={"age_exponent": 1.0}), "lr_scale": 3.0},
+        "ils_age1_r0.9_lr3": {"slimfit": _with(REFERENCE, scheduler={"age_exponent": 1.0, "freeze_ratio": 0.9}), "lr_scale": 3.0},
     }
     return table
 

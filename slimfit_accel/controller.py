@@ -67,6 +67,7 @@ class FreezeController:
         self.scores = UNTRAINED_SCORE * (1 + torch.rand(len(self._infos), generator=derived_generator(seed), dtype=torch.float64))
         self.trainable: tuple[str, ...] = ()
         self.stats = FreezeStats(trained_steps={u.name: 0 for u in units.schedulable})
+        self.last_trained = {u.name: -1 for u in units.schedulable}  # step a unit last trained in
         self.backend: StepBackend | None = None
         self._decided_for: int | None = None
         self._checked: tuple[int, set[str]] | None = None  # (step, choice) validated at bind
@@ -142,6 +143,8 @@ class FreezeController:
             generator=derived_generator(self.seed, self.step),
             seed=self.seed,
             total_steps=self.total_steps,
+            last_trained=dict(self.last_trained),
+            updates=dict(self.stats.trained_steps),
         )
         plugin = self.scheduler.registration.plugin
         try:
@@ -185,6 +188,7 @@ class FreezeController:
         self.stats.steps += 1
         for name in self.trainable:
             self.stats.trained_steps[name] += 1
+            self.last_trained[name] = self.step
         if self._total_numel:
             self.stats.trainable_fraction_sum += sum(self._numel[n] for n in self.trainable) / self._total_numel
         self.step += 1
@@ -230,6 +234,7 @@ class FreezeController:
             "units": [i.name for i in self._infos],
             "scores": self.scores.clone(),
             "trained_steps": dict(self.stats.trained_steps),
+            "last_trained": dict(self.last_trained),
             "trainable_fraction_sum": self.stats.trainable_fraction_sum,
             "scheduler": _strategy_state(self.scheduler.strategy),
             "scorer": _strategy_state(self.scorer.strategy),
@@ -243,6 +248,7 @@ class FreezeController:
         self.step = int(state["step"])
         self.scores = state["scores"].clone().to(torch.float64)
         self.stats.trained_steps = dict(state["trained_steps"])
+        self.last_trained = dict(state.get("last_trained", {n: -1 for n in names}))
         self.stats.steps = self.step
         self.stats.trainable_fraction_sum = float(state["trainable_fraction_sum"])
         for key, strategy in (("scheduler", self.scheduler.strategy), ("scorer", self.scorer.strategy)):

@@ -24,10 +24,11 @@ def chain(n: int = 5, width: int = 4) -> nn.Module:
 
 @dataclass
 class TableScorer:
-    """Scores from a table, halved each time a unit is trained again (to exercise staleness)."""
+    """Scores from a table, times ``decay`` each time a unit is trained again (staleness)."""
 
     table: dict[str, float] = field(default_factory=dict)
     times: dict[str, int] = field(default_factory=dict)
+    decay: float = 0.5
 
     def before_step(self, views):
         return None
@@ -37,7 +38,7 @@ class TableScorer:
         for view in views:
             k = self.times.get(view.name, 0)
             self.times[view.name] = k + 1
-            out.append(self.table[view.name] * 0.5**k)
+            out.append(self.table[view.name] * self.decay**k)
         return torch.tensor(out, dtype=torch.float64)
 
 

@@ -115,3 +115,32 @@ def test_progressive_freezes_front_to_back():
 def test_static_trains_matching_units_only():
     decisions, _ = run(chain(), {"name": "static", "train": ["3.*", "4.*"]}, steps=3)
     assert decisions == [named(3, 4)] * 3
+
+
+def test_ils_age_exponent_weighs_score_by_steps_waited():
+    # step 10; ages: u0 waited 1 step, u1 10, u2 1, u3 5, u4 2
+    scores = dict(zip(NAMES, [0.5, 0.1, 0.9, 0.3, 0.7]))
+    last = dict(zip(NAMES, [9, 0, 9, 5, 8]))
+    units = tuple(UnitInfo(name=n, index=i, block=None, numel=16) for i, n in enumerate(NAMES))
+    context = ScheduleContext(step=10, units=units, scores=scores, generator=derived_generator(0, 10), seed=0, last_trained=last)
+    # priorities with exponent 1: .5, 1.0, .9, 1.5, 1.4 -> two highest are u3, u4
+    assert set(ILS(0.6, age_exponent=1.0).select(context)) == named(3, 4)
+    # exponent 0 is the reference: scores alone (u2 .9, u4 .7)
+    assert set(ILS(0.6, age_exponent=0.0).select(context)) == named(2, 4)
+
+
+def test_ils_age_exponent_spreads_updates_over_every_unit():
+    # Reference ILS keeps training the units whose score stays high; with age_exponent 1 every
+    # unit keeps training, at a rate that grows with its score.
+    table = {"0.weight": 1.0, "1.weight": 0.9, "2.weight": 0.05, "3.weight": 0.04, "4.weight": 0.03}
+    def counts(exponent):
+        _, controller = run(
+            chain(), {"name": "ils", "freeze_ratio": 0.6, "age_exponent": exponent}, steps=40,
+            scorer={"name": "table", "table": table, "decay": 1.0}, initial_scores=DESCENDING_INIT,
+        )
+        return controller.stats.trained_steps
+    reference, aged = counts(0.0), counts(1.0)
+    assert min(reference.values()) == 1  # low scorers trained once, in the warm-up only
+    # each waits about threshold / score steps: ~34 for the lowest score here, so trained again
+    assert min(aged.values()) >= 2
+    assert aged["0.weight"] > aged["2.weight"] > reference["2.weight"]  # still favours what moves most
