@@ -49,3 +49,42 @@ def test_ranks_train_the_same_units_when_local_scores_differ(tmp_path, scheduler
     sets = [[s["trainable"] for s in r["steps"]] for r in ranks]
     assert sets[0] == sets[1]
     assert len({tuple(s) for s in sets[0]}) > 1  # the decision really changed over steps
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_of_one_process_resume_like_one_node(tmp_path):
+    """Two torchrun agents on this machine play two nodes (LOCAL_RANK 0 on both, RANK 0 and 1,
+    one shared checkpoint folder): DDP and ZeRO-2 train, save, resume in new processes and
+    match the uninterrupted run, so nothing mistakes a local rank for a global one."""
+    from test_resume import SAVE_AT, STEPS, decided_steps, load, max_abs_diff
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    for phase in ("straight", "resume"):
+        port = str(free_port())
+        nodes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                 "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port,
+                 str(WORKERS / "resume_worker.py"), phase, str(tmp_path), "ddp", "zero2"],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )
+            for node in range(2)
+        ]
+        outputs = [node.communicate(timeout=600)[0] for node in nodes]
+        assert all(node.returncode == 0 for node in nodes), "\n".join(o[-4000:] for o in outputs)
+    for backend in ("ddp", "zero2"):
+        straight, straight_state = load(tmp_path / backend, "straight")
+        resumed, resumed_state = load(tmp_path / backend, "resumed")
+        assert straight["world"] == 2
+        assert resumed["decisions"] == [d for d in straight["decisions"] if d[0] >= SAVE_AT]
+        assert decided_steps(resumed["events"]) == list(range(SAVE_AT, STEPS))
+        assert max_abs_diff(resumed_state["weights"], straight_state["weights"]) <= 1e-6
+        ranks = [json.loads((tmp_path / backend / f"report_rank{r}.json").read_text()) for r in range(2)]
+        assert [r["report"]["memory"]["scope"]["rank"] for r in ranks] == [0, 1]
