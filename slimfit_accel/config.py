@@ -56,6 +56,10 @@ class SlimFitConfig(BaseModel):
     ``compression``: which saved activations are compressed and how: ``slimfit`` (SlimFit's
     table with scaled int8/int4 formats, the default), ``reference`` (the reference's
     fixed-point formats), ``none`` (off), or a policy mapping (``rules``, ``default``).
+
+    ``optimizer_paging``: keep the optimizer state of units frozen in a step in host memory
+    (pinned on CUDA), prefetched before they train again; results are bit-identical. For torch
+    optimizers on one device or DDP; under DeepSpeed ZeRO use its ``offload_optimizer``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -66,6 +70,7 @@ class SlimFitConfig(BaseModel):
         default_factory=lambda: StrategySpec(name="ils", freeze_ratio=0.9)
     )
     compression: Literal["slimfit", "reference", "none"] | CompressionPolicy = "slimfit"
+    optimizer_paging: bool = False
 
 
 def load_config(source: str | Path | Mapping[str, Any] | SlimFitConfig) -> SlimFitConfig:

@@ -11,7 +11,9 @@ so it means the same on CPU, CUDA or anything else:
 - ``optimizer``: every tensor in the optimizer's state (Adam moments, step counts) plus
   parameter copies the optimizer steps that are not model parameters (fp32 masters, DeepSpeed's
   flat fp32 partitions). Accepts a torch optimizer, Accelerate's ``AcceleratedOptimizer`` and a
-  DeepSpeed ZeRO optimizer (anything with ``.optimizer`` down to a torch optimizer).
+  DeepSpeed ZeRO optimizer (anything with ``.optimizer`` down to a torch optimizer). State paged
+  to host memory by ``optimizer_paging`` (``paging.py``) is not in it but in ``optimizer_paged``
+  (not part of ``total``: it is off the accelerator; on CPU, what would be).
 - ``activations``: tensors autograd saves for backward, from a ``CompressionEngine``'s byte
   counters: ``activations_raw`` is what autograd would keep, ``activations`` what is kept (after
   compression). Without an engine of its own to read, the meter installs one that compresses
@@ -51,6 +53,7 @@ from torch import nn
 
 from .compression.engine import CompressionEngine
 from .compression.policy import CompressionPolicy
+from .paging import is_paged
 
 CATEGORIES = ("params", "grads", "optimizer", "activations", "activations_raw", "total")
 
@@ -108,7 +111,8 @@ def optimizer_bytes(optimizer: Any, model: nn.Module | None = None) -> int:
 
     Counts the innermost torch optimizer's ``state`` and the tensors it steps (in its
     ``param_groups`` or keying its state) that are not ``model``'s parameters (fp32 masters,
-    DeepSpeed's flat partitions); each byte once.
+    DeepSpeed's flat partitions); each byte once. State paged to host is left out (see
+    ``paged_optimizer_bytes``).
     """
     inner = innermost_torch_optimizer(optimizer)
     if inner is None:
@@ -120,13 +124,21 @@ def optimizer_bytes(optimizer: Any, model: nn.Module | None = None) -> int:
             partition = getattr(param, "ds_tensor", None)
             if isinstance(partition, torch.Tensor):
                 model_keys.add(_key(partition))
-    candidates = [t for state in inner.state.values() for t in _tensors(state)]
+    candidates = [t for state in inner.state.values() for t in _tensors(state) if not is_paged(t)]
     # Stepped copies: what the groups hold now, and what has state (ZeRO-3 empties its groups
     # between steps but keys the state by its fp32 partitions).
     stepped = [p for group in inner.param_groups for p in group["params"]]
     stepped += [p for p in inner.state if isinstance(p, torch.Tensor)]
     candidates += [p for p in stepped if _key(p) not in model_keys]
     return _covered_bytes(candidates)
+
+
+def paged_optimizer_bytes(optimizer: Any) -> int:
+    """Bytes of optimizer state paged out to host memory (``optimizer_paging``)."""
+    inner = innermost_torch_optimizer(optimizer)
+    if inner is None:
+        return 0
+    return sum(_nbytes(t) for state in inner.state.values() for t in _tensors(state) if is_paged(t))
 
 
 def _covered_bytes(tensors: list[torch.Tensor]) -> int:
@@ -169,6 +181,7 @@ class StepMemory:
     total: int = 0
     peak_cuda: int | None = None
     time_s: float = 0.0
+    optimizer_paged: int = 0
 
     @property
     def compression_ratio(self) -> float:
@@ -212,7 +225,7 @@ def rank_scope(optimizer: Any = None) -> RankScope:
     return scope
 
 
-_SUMMED = ("params", "grads", "optimizer", "activations", "activations_raw", "total")
+_SUMMED = ("params", "grads", "optimizer", "activations", "activations_raw", "total", "optimizer_paged")
 
 
 @dataclass
@@ -249,7 +262,8 @@ class MemoryReport:
         rows = [
             ("parameters", "params"),
             ("gradients (peak live)", "grads"),
-            ("optimizer state", "optimizer"),
+            ("optimizer state" + (", resident" if self.peak.optimizer_paged else ""), "optimizer"),
+            *([("optimizer state, paged to host", "optimizer_paged")] if self.peak.optimizer_paged else []),
             ("saved activations, raw (peak live)", "activations_raw"),
             ("saved activations, stored (peak live)", "activations"),
             ("total (peak of the sum)", "total"),
@@ -370,9 +384,10 @@ class MemoryMeter:
             torch.cuda.reset_peak_memory_stats(device)
         self._params = parameter_bytes(self.model)
         self._optimizer = optimizer_bytes(self.optimizer, self.model) if self.optimizer is not None else 0
+        paged = paged_optimizer_bytes(self.optimizer) if self.optimizer is not None else 0
         self._extra_grads = 0
         self._grads.watch(self.model.parameters())
-        current = self._current = StepMemory(step=self._steps, params=self._params, optimizer=self._optimizer)
+        current = self._current = StepMemory(step=self._steps, params=self._params, optimizer=self._optimizer, optimizer_paged=paged)
         self._update()
         start = time.perf_counter()
         with ExitStack() as stack:
@@ -449,6 +464,7 @@ class MemoryMeter:
         self._optimizer = optimizer_bytes(self.optimizer, self.model)
         if self._current is not None:
             self._current.optimizer = max(self._current.optimizer, self._optimizer)
+            self._current.optimizer_paged = max(self._current.optimizer_paged, paged_optimizer_bytes(self.optimizer))
         self._update()
         self._extra_grads = 0
 

@@ -32,6 +32,7 @@ from .config import SlimFitConfig, load_config
 from .controller import FreezeController
 from .errors import IntegrationError
 from .memory import MemoryMeter, gather_ranks
+from .paging import OptimizerPaging
 from .plugins import StrategyRegistry
 from .report import SlimFitReport, build_report
 from .stepping import StepBackend, TorchStepBackend, reentrant_checkpointing
@@ -196,6 +197,13 @@ class SlimFit:
         if accelerator is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
             from .integrations.deepspeed import ZeroStepBackend
 
+            if self.config.optimizer_paging:
+                raise IntegrationError(
+                    "optimizer_paging: true does not apply under DeepSpeed ZeRO: its optimizer state lives in flat "
+                    "partitions that cannot be paged by unit. Set optimizer_paging: false and keep the state on "
+                    "host with DeepSpeed's offload_optimizer (e.g. accelerate_configs/zero2_offload.yaml)."
+                )
+
             return ZeroStepBackend(accelerator.deepspeed_engine_wrapped.engine)
         if isinstance(model, nn.parallel.DistributedDataParallel) and not model.find_unused_parameters:
             raise IntegrationError(
@@ -218,7 +226,8 @@ class SlimFit:
                 f"{len(missing)} unit parameters are not in the optimizer (e.g. {missing[0]!r}). Create the "
                 f"optimizer after slimfit.prepare_model(model), over model.parameters()."
             )
-        return TorchStepBackend(torch_optimizer)
+        paging = OptimizerPaging(torch_optimizer) if self.config.optimizer_paging else None
+        return TorchStepBackend(torch_optimizer, paging=paging)
 
 
 def make_accelerator(gradient_accumulation_steps: int = 1, **kwargs: Any):

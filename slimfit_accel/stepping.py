@@ -8,7 +8,9 @@ gives scorers this rank's view of the trained units' weights and gradients.
 ``TorchStepBackend`` covers every plain ``torch.optim`` optimizer, on one device or under DDP:
 torch optimizers skip parameters whose ``.grad`` is None, so clearing frozen gradients before the
 step is enough (a zero gradient is not: Adam momentum and decoupled weight decay would still
-move the weights). DeepSpeed ZeRO has its own backend in ``integrations/deepspeed.py``.
+move the weights). With ``paging`` (``optimizer_paging: true``) it also keeps the frozen
+set's optimizer state in host memory (``paging.py``). DeepSpeed ZeRO has its own backend in
+``integrations/deepspeed.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Callable, Collection, Protocol, Sequence
 import torch
 
 from .hookspecs import UnitView
+from .paging import OptimizerPaging
 
 StepCallback = Callable[[], None]
 UnitParams = tuple[str, Sequence[torch.nn.Parameter]]
@@ -53,8 +56,9 @@ class TorchStepBackend:
         backend.set_frozen(frozen_params)
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
+    def __init__(self, optimizer: torch.optim.Optimizer, paging: OptimizerPaging | None = None):
         self.optimizer = optimizer
+        self.paging = paging
         self._frozen: tuple[torch.nn.Parameter, ...] = ()
         self._handles: list = []
 
@@ -64,6 +68,8 @@ class TorchStepBackend:
             # gradient from the last step it was trained): drop it so the optimizer skips it.
             for param in self._frozen:
                 param.grad = None
+            if self.paging is not None:
+                self.paging.ready()
             before_step()
 
         def post_hook(optimizer, args, kwargs):
@@ -76,6 +82,8 @@ class TorchStepBackend:
 
     def set_frozen(self, frozen: Collection[torch.nn.Parameter]) -> None:
         self._frozen = tuple(frozen)
+        if self.paging is not None:
+            self.paging.plan(self._frozen)
 
     def views(self, units: Sequence[UnitParams]) -> list[UnitView]:
         return [
@@ -87,6 +95,8 @@ class TorchStepBackend:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self.paging is not None:
+            self.paging.resident_all()
 
     def state_dict(self) -> dict:
         return {}

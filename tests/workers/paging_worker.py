@@ -1,0 +1,71 @@
+"""Worker for the 2-process DDP paging test (run with torchrun). Writes one JSON per rank.
+
+Trains the same tiny BERT twice under DDP, 10 optimizer steps of SlimFit (AdamW with weight
+decay, gradient accumulation 2), with and without ``optimizer_paging``, and records whether
+weights and optimizer state came out bit-identical and how much state was paged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from conftest import random_batch, tiny_bert  # noqa: E402
+
+from slimfit_accel import SlimFit, make_accelerator  # noqa: E402
+from slimfit_accel.paging import paged_bytes  # noqa: E402
+
+
+def train(paging: bool, steps: int = 10, accum: int = 2):
+    accelerator = make_accelerator(gradient_accumulation_steps=accum)
+    rank = accelerator.process_index
+    config = {"scheduler": {"name": "ils", "freeze_ratio": 0.8}, "optimizer_paging": paging, "compression": "none"}
+    slimfit = SlimFit.from_config(config)
+    model = slimfit.prepare_model(tiny_bert(layers=3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    slimfit.attach(accelerator, model, optimizer)
+    paged = []
+    for micro in range(steps * accum):
+        with accelerator.accumulate(model), slimfit.step():
+            loss = model(**random_batch(seed=1000 * rank + micro)).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            paged.append(paged_bytes(optimizer.optimizer))
+    inner = optimizer.optimizer
+    weights = [p.detach().clone() for p in accelerator.unwrap_model(model).parameters()]
+    report = slimfit.report().memory
+    slimfit.detach()  # brings paged state back
+    state = [{k: v.clone() for k, v in inner.state[p].items()} for g in inner.param_groups for p in g["params"] if p in inner.state]
+    return weights, state, paged, report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    w0, s0, _, r0 = train(paging=False)
+    w1, s1, paged, r1 = train(paging=True)
+    import torch.distributed as dist
+
+    result = {
+        "world": dist.get_world_size(),
+        "weights_equal": len(w0) == len(w1) and all(torch.equal(a, b) for a, b in zip(w0, w1)),
+        "state_equal": len(s0) == len(s1) and all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(s0, s1)),
+        "paged_bytes": paged,
+        "resident_optimizer": [r0.last.optimizer, r1.last.optimizer],
+        "reported_paged": r1.last.optimizer_paged,
+    }
+    Path(args.out, f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
