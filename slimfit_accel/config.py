@@ -50,6 +50,18 @@ class UnitsConfig(BaseModel):
     candidates: Literal["trainable", "all"] = "trainable"
 
 
+class CheckpointingConfig(BaseModel):
+    """Which transformer blocks are recomputed in backward instead of keeping their activations.
+
+    ``blocks``: ``all``, the first N blocks (nearest the input), or a list of block indices.
+    A checkpointed block keeps only its input, compressed by the policy (role ``block_input``:
+    int8 by default; exact with ``compression: none``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    blocks: Literal["all"] | int | list[int] = "all"
+
+
 class SlimFitConfig(BaseModel):
     """The whole SlimFit config.
 
@@ -60,6 +72,9 @@ class SlimFitConfig(BaseModel):
     ``optimizer_paging``: keep the optimizer state of units frozen in a step in host memory
     (pinned on CUDA), prefetched before they train again; results are bit-identical. For torch
     optimizers on one device or DDP; under DeepSpeed ZeRO use its ``offload_optimizer``.
+
+    ``checkpointing``: frozen-aware activation checkpointing of transformer blocks (see
+    ``CheckpointingConfig``); off when absent.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -71,6 +86,7 @@ class SlimFitConfig(BaseModel):
     )
     compression: Literal["slimfit", "reference", "none"] | CompressionPolicy = "slimfit"
     optimizer_paging: bool = False
+    checkpointing: CheckpointingConfig | None = None
 
 
 def load_config(source: str | Path | Mapping[str, Any] | SlimFitConfig) -> SlimFitConfig:

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from .checkpointing import BlockCheckpointing
 from .compression import CompressionEngine, CompressionPolicy, slimfit_policy, slimfit_reference_policy
 from .config import SlimFitConfig, load_config
 from .controller import FreezeController
@@ -54,6 +55,7 @@ class SlimFit:
                 self.registry.build("compressor", spec, where=f"{origin}: compression")
         self.compression: CompressionEngine | None = None
         self.memory: MemoryMeter | None = None
+        self.checkpointing: BlockCheckpointing | None = None
         self.model: nn.Module | None = None
         self.units: UnitSet | None = None
         self._trainable: dict[int, int] = {}
@@ -139,6 +141,10 @@ class SlimFit:
             self.compression = CompressionEngine(self.model, self.policy, compressors=factories).attach()
         # Without compression the meter counts what autograd saves with an engine of its own.
         self.memory = MemoryMeter(self.model, optimizer, engine=self.compression)
+        if self.config.checkpointing is not None:
+            # recomputed tensors count as live activations of the meter's engine while alive
+            counter = self.memory.engine._counter if self.memory.engine is not None else None  # noqa: SLF001
+            self.checkpointing = BlockCheckpointing(self.model, self.config.checkpointing.blocks, counter).attach()
         if accelerator is not None:
             accelerator.register_for_checkpointing(self.controller)
         self.accelerator = accelerator
@@ -178,6 +184,9 @@ class SlimFit:
     def detach(self) -> None:
         """Stop: every unit trainable again (parameters the user froze stay frozen: they are not
         units), optimizer and compression hooks removed."""
+        if self.checkpointing is not None:
+            self.checkpointing.detach()
+            self.checkpointing = None
         if self.memory is not None:
             self.memory.close()
             self.memory = None

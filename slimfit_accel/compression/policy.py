@@ -108,6 +108,8 @@ DROPOUT_TYPES = "*Dropout*"
 
 def _policy(gelu: dict, attention: dict, layernorm: dict, ffn_down: dict, modern: bool = True) -> CompressionPolicy:
     rules = [
+        # The input a checkpointed block keeps for its recomputation (checkpointing.py).
+        Rule(role="block_input", compressor=CompressorSpec(**ffn_down)),
         # Dropout masks (float 0 or 1/(1-p) on CPU) are stored exactly, one bit an element.
         Rule(module_type=DROPOUT_TYPES, compressor=CompressorSpec(name="bitmask")),
         Rule(module_type=GELU_TYPES, compressor=CompressorSpec(**gelu)),
@@ -138,6 +140,8 @@ def slimfit_policy() -> CompressionPolicy:
     ==========================================  ==========  =================================
     saved tensor                                when        compressor
     ==========================================  ==========  =================================
+    checkpointed block's input (role            any         int8, one scale per row
+    ``block_input``, ``checkpointing:``)
     dropout mask (``*Dropout*`` modules)        any         bitmask (exact, 1 bit an element)
     GELU input (``*GELU*`` modules)             any         int4, one scale per row
     ReLU / LeakyReLU output (kind ``relu``)     any         bitmask of the sign (exact)

@@ -1,0 +1,69 @@
+"""Frozen-aware activation checkpointing composed with SlimFit freezing and compression."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimfit_accel import SlimFit
+from slimfit_accel.checkpointing import select_blocks
+from slimfit_accel.errors import ConfigError
+
+transformers = pytest.importorskip("transformers")
+
+from test_compression_architectures import batch, build  # noqa: E402
+
+
+def one_step(arch: str, checkpointing: dict | None, compression: str = "none", steps: int = 3):
+    """Gradients of the last of ``steps`` SlimFit steps (90% frozen), the model and the report."""
+    model = build(arch)
+    config = {"scheduler": {"name": "ils", "freeze_ratio": 0.9}, "compression": compression}
+    if checkpointing is not None:
+        config["checkpointing"] = checkpointing
+    slimfit = SlimFit.from_config(config)
+    model = slimfit.prepare_model(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay put: same decisions in every run
+    slimfit.attach(None, model, optimizer)
+    for step in range(steps):
+        with slimfit.step():
+            torch.manual_seed(step)  # same dropout masks with and without recomputation
+            model(**batch(arch)).loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    recomputed = slimfit.checkpointing.recomputations if slimfit.checkpointing is not None else 0
+    report = slimfit.report().memory
+    slimfit.detach()
+    return grads, frozen, recomputed, report
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama", "t5"])
+def test_checkpointed_gradients_equal_the_plain_ones_and_frozen_units_get_none(arch):
+    plain, frozen, _, plain_mem = one_step(arch, None)
+    ckpt, frozen_ckpt, recomputed, ckpt_mem = one_step(arch, {"blocks": "all"})
+    assert recomputed > 0 and frozen == frozen_ckpt and frozen
+    assert plain.keys() == ckpt.keys() and not (frozen & ckpt.keys())
+    for name, grad in plain.items():
+        torch.testing.assert_close(ckpt[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert ckpt_mem.peak.activations < plain_mem.peak.activations
+
+
+def test_checkpointing_with_compression_stays_close_and_stores_less():
+    exact, _, _, plain_mem = one_step("llama", None)
+    approx, _, _, mem = one_step("llama", {"blocks": "all"}, compression="slimfit")
+    _, _, _, compressed_mem = one_step("llama", None, compression="slimfit")
+    largest = max(g.norm() for g in exact.values())
+    cos = [torch.nn.functional.cosine_similarity(g.flatten(), approx[n].flatten(), dim=0).item()
+           for n, g in exact.items() if g.norm() > 1e-6 * largest]
+    assert min(cos) >= 0.95 and sum(cos) / len(cos) >= 0.98
+    assert mem.peak.activations < compressed_mem.peak.activations < plain_mem.peak.activations
+    assert "recomputed" in mem.by_compressor
+
+
+def test_blocks_by_count_and_index():
+    paths = [f"layer.{i}" for i in range(4)]
+    assert select_blocks(paths, "all") == paths and select_blocks(paths, 2) == paths[:2]
+    assert select_blocks(paths, [3, -4]) == ["layer.0", "layer.3"]
+    with pytest.raises(ConfigError, match=r"out of range.*4 blocks"):
+        select_blocks(paths, [4])
