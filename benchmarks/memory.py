@@ -1,12 +1,20 @@
 """Memory by category of fine-tuning arms, side by side on the same model, batch and data.
 
-Arms: full fine-tuning; full with activation checkpointing; LoRA (PEFT, r=8 on query/key/value);
-LISA-style random layers (2 blocks, switched every 20 steps); SlimFit freezing only; SlimFit
-freezing plus the default compression; on CUDA also activation offloading (saved tensors moved
-to pinned host memory, as torchtune and TRL do). Every arm gets a fresh model from the same seed
-and the same random token ids; bytes come from ``slimfit_accel.memory.MemoryMeter`` (exact
-tensor sizes), the figures of an arm are the largest over its measured steps, and the step time
-is their mean.
+Arms: full fine-tuning; full with activation checkpointing; LoRA (PEFT, r=8 on the attention
+projections); LISA-style random layers (2 blocks, switched every 20 steps); BAdam (the ``badam``
+package: one block trained at a time, its Adam state only); GaLore (the ``galore-torch``
+package: low-rank projected Adam state, rank ``--galore-rank``); SlimFit freezing only; SlimFit
+freezing plus the default compression; ``slimfit_default``: the packaged default config
+(``slimfit_accel/configs/demo.yaml``, read when the arm runs, so it measures what users get);
+``slimfit_best``: that config with ``--freeze-ratio``, block checkpointing and optimizer paging;
+on CUDA also activation offloading (saved tensors moved to pinned host memory, as torchtune and
+TRL do). Every arm gets a fresh model from the same seed and the same random token ids; bytes
+come from ``slimfit_accel.memory.MemoryMeter`` (exact tensor sizes), the figures of an arm are
+the largest over its measured steps, and the step time is their mean.
+
+Models: ``--model bert`` (sequence classification) or ``--model llama`` (a Llama-style decoder,
+random init, causal LM loss; e.g. ``--hidden 2048 --layers 8 --heads 16 --intermediate 5504
+--seq-len 512 --vocab 32000``).
 
 Quick check::
 
@@ -42,14 +50,24 @@ from slimfit_accel import SlimFit  # noqa: E402
 from slimfit_accel.compression import CompressionEngine, CompressionPolicy, CompressorSpec  # noqa: E402
 from slimfit_accel.memory import MemoryMeter, format_bytes  # noqa: E402
 
-ARMS = ["full", "full_checkpointing", "lora", "lisa", "slimfit_freeze", "slimfit_compress"]
+ARMS = ["full", "full_checkpointing", "lora", "lisa", "badam", "galore", "slimfit_freeze", "slimfit_compress", "slimfit_default", "slimfit_best"]
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "slimfit_accel" / "configs" / "demo.yaml"
 CUDA_ARMS = ["full_offload"]
 
 
 def build_model(args: argparse.Namespace, device: torch.device):
+    torch.manual_seed(args.seed)
+    if args.model == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+            num_attention_heads=args.heads, num_key_value_heads=args.heads, intermediate_size=args.intermediate,
+            max_position_embeddings=max(512, args.seq_len), use_cache=False,
+        )
+        return LlamaForCausalLM(config).to(device).train()
     from transformers import BertConfig, BertForSequenceClassification
 
-    torch.manual_seed(args.seed)
     config = BertConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, intermediate_size=args.intermediate,
@@ -60,6 +78,9 @@ def build_model(args: argparse.Namespace, device: torch.device):
 
 def make_batch(args: argparse.Namespace, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(args.seed)
+    if args.model == "llama":
+        ids = torch.randint(0, args.vocab, (batch, args.seq_len), generator=generator).to(device)
+        return {"input_ids": ids, "labels": ids}
     return {
         "input_ids": torch.randint(0, args.vocab, (batch, args.seq_len), generator=generator).to(device),
         "labels": torch.randint(0, 2, (batch,), generator=generator).to(device),
@@ -94,6 +115,26 @@ class HostOffload:
 # ------------------------------------------------------------------------------------- arms
 # Each returns (model, optimizer, meter, step context factory, cleanup, whether the step
 # context already runs the meter: SlimFit's step() enters its own meter, ``slimfit.memory``).
+# Arms whose Adam state grows as more units get trained (LISA, SlimFit without paging) are in
+# GROWING_STATE: their steady state is computed for every parameter in the optimizer.
+GROWING_STATE = {"lisa", "slimfit_freeze", "slimfit_compress", "slimfit_default"}
+# Arms that page the state of frozen units to host: their steady state on the device is the
+# resident state measured (that of the units trained in a step); the rest is on host.
+PAGED_STATE = {"slimfit_best"}
+
+
+def attention_projections(args) -> list[str]:
+    return ["q_proj", "k_proj", "v_proj"] if args.model == "llama" else ["query", "key", "value"]
+
+
+def block_prefixes(model, args) -> list[str]:
+    from slimfit_accel.units import find_blocks
+
+    return [f"{path}." for path in find_blocks(model)]
+
+
+def head_prefixes(args) -> list[str]:
+    return ["lm_head."] if args.model == "llama" else ["classifier."]
 def arm_full(args, device):
     model = build_model(args, device)
     optimizer = adamw(model.parameters())
@@ -118,14 +159,48 @@ def arm_full_checkpointing(args, device):
 def arm_lora(args, device):
     from peft import LoraConfig, get_peft_model
 
+    task = "CAUSAL_LM" if args.model == "llama" else "SEQ_CLS"
     model = get_peft_model(
-        build_model(args, device), LoraConfig(r=8, lora_alpha=16, target_modules=["query", "key", "value"], task_type="SEQ_CLS")
+        build_model(args, device), LoraConfig(r=8, lora_alpha=16, target_modules=attention_projections(args), task_type=task)
     )
     optimizer = adamw(model.parameters())
     return model, optimizer, MemoryMeter(model, optimizer), None, None, False
 
 
-def _slimfit_arm(args, device, config: dict):
+def arm_badam(args, device):
+    """BAdam from its package: one block trains at a time (switched every 100 steps, as in its
+    paper), the head always; Adam state for that block only, plus BAdam's fp32 copy of it."""
+    from badam import BlockOptimizer
+
+    model = build_model(args, device)
+    blocks = block_prefixes(model, args)
+    base = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    optimizer = BlockOptimizer(
+        base_optimizer=base, named_parameters_list=list(model.named_parameters()),
+        block_prefix_list=[[prefix] for prefix in blocks], active_modules=head_prefixes(args),
+        switch_block_every=100, switch_mode="random", verbose=0,
+    )
+    # the meter reads the state BAdam keeps in its base optimizer (its own ``state`` is empty)
+    return model, optimizer, MemoryMeter(model, optimizer.base_optimizer), None, None, False
+
+
+def arm_galore(args, device):
+    """GaLore from its package (``galore_torch.GaLoreAdamW``): attention and FFN weight matrices
+    get low-rank projected Adam state (rank ``--galore-rank``, projection updated every 200
+    steps, scale 0.25, as in its README); every other parameter plain AdamW."""
+    from galore_torch import GaLoreAdamW
+
+    model = build_model(args, device)
+    blocks = tuple(block_prefixes(model, args))
+    low_rank = [p for n, p in model.named_parameters() if p.dim() == 2 and n.startswith(blocks)]
+    chosen = {id(p) for p in low_rank}
+    regular = [p for p in model.parameters() if id(p) not in chosen]
+    groups = [{"params": regular}, {"params": low_rank, "rank": args.galore_rank, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}]
+    optimizer = GaLoreAdamW(groups, lr=1e-5)
+    return model, optimizer, MemoryMeter(model, optimizer), None, None, False
+
+
+def _slimfit_arm(args, device, config):
     model = build_model(args, device)
     slimfit = SlimFit.from_config(config)
     model = slimfit.prepare_model(model)
@@ -145,6 +220,21 @@ def arm_slimfit_freeze(args, device):
 
 def arm_slimfit_compress(args, device):
     return _slimfit_arm(args, device, {"seed": args.seed, "scheduler": {"name": "ils", "freeze_ratio": args.freeze_ratio}, "compression": "slimfit"})
+
+
+def arm_slimfit_default(args, device):
+    """The packaged default config, read now: what a user gets from it."""
+    return _slimfit_arm(args, device, DEFAULT_CONFIG)
+
+
+def arm_slimfit_best(args, device):
+    """The default config with ``--freeze-ratio``, every block checkpointed and optimizer paging."""
+    import yaml
+
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config["scheduler"] = {**config.get("scheduler", {"name": "ils"}), "freeze_ratio": args.freeze_ratio}
+    config.update(checkpointing={"blocks": "all"}, optimizer_paging=True, compression="slimfit")
+    return _slimfit_arm(args, device, config)
 
 
 def arm_full_offload(args, device):
@@ -189,9 +279,19 @@ def run_arm(name: str, args: argparse.Namespace, batch_size: int, device: torch.
             measured.append(meter.last)
             times.append(elapsed)
         print(f"  {name} batch {batch_size} step {index}: {elapsed:.1f} s, total {format_bytes(meter.last.total)}", flush=True)
-    peak = {key: max(getattr(m, key) for m in measured) for key in ("params", "grads", "optimizer", "activations", "activations_raw", "total")}
+    peak = {key: max(getattr(m, key) for m in measured) for key in ("params", "grads", "optimizer", "activations", "activations_raw", "total", "optimizer_paged")}
     cuda_peaks = [m.peak_cuda for m in measured if m.peak_cuda is not None]
-    full_state = full_adamw_state_bytes(optimizer)
+    # Steady state: the optimizer state the arm holds on the device once training has gone on
+    # long enough. Growing arms: AdamW state for every parameter in the optimizer. Paging:
+    # what is resident (the rest, up to AdamW state for everything, is on host). Others (full,
+    # LoRA, BAdam, GaLore): what was measured, already all they ever hold.
+    if name in GROWING_STATE:
+        full_state, paged_state = full_adamw_state_bytes(optimizer), 0
+    elif name in PAGED_STATE:
+        full_state = peak["optimizer"]
+        paged_state = max(full_adamw_state_bytes(optimizer) - full_state, peak["optimizer_paged"])
+    else:
+        full_state, paged_state = peak["optimizer"], 0
     result = {
         "name": name,
         "batch": batch_size,
@@ -206,6 +306,12 @@ def run_arm(name: str, args: argparse.Namespace, batch_size: int, device: torch.
         # as more units are trained and is never released): the figure once all are stepped.
         "optimizer_full_state_bytes": full_state,
         "total_full_state_bytes": peak["total"] - peak["optimizer"] + full_state,
+        "optimizer_paged_bytes": peak["optimizer_paged"],
+        "steady_state": {
+            "optimizer_device_bytes": full_state,
+            "optimizer_host_bytes": paged_state,
+            "total_bytes": peak["total"] - peak["optimizer"] + full_state,
+        },
         "by_compressor": meter.summary().by_compressor,
     }
     meter.close()
@@ -218,7 +324,7 @@ def run_arm(name: str, args: argparse.Namespace, batch_size: int, device: torch.
     return result
 
 
-def render_table(arms: list[dict[str, Any]], width: int = 150) -> str:
+def render_table(arms: list[dict[str, Any]], width: int = 190) -> str:
     from rich.console import Console
     from rich.table import Table
 
@@ -227,7 +333,9 @@ def render_table(arms: list[dict[str, Any]], width: int = 150) -> str:
         rows = [a for a in arms if a["batch"] == batch_size]
         full = next((a for a in rows if a["name"] == "full"), None)
         table = Table(title=f"batch {batch_size}: bytes by category (x = full fine-tuning / arm)", header_style="bold")
-        for column in ("arm", "params", "grads", "optimizer", "act. raw", "act. stored", "act. x", "total", "total x", "step s", "time / full"):
+        columns = ("arm", "params", "grads", "optimizer", "act. raw", "act. stored", "act. x", "total", "total x",
+                   "steady opt.", "steady total", "steady x", "step s", "time / full")
+        for column in columns:
             table.add_column(column, justify="left" if column == "arm" else "right")
         if rows and rows[0]["peak_cuda_bytes"] is not None:
             table.add_column("CUDA peak", justify="right")
@@ -239,6 +347,9 @@ def render_table(arms: list[dict[str, Any]], width: int = 150) -> str:
                 _ratio(full["bytes"]["activations"], b["activations"]) if full else "-",
                 format_bytes(b["total"]),
                 _ratio(full["bytes"]["total"], b["total"]) if full else "-",
+                format_bytes(a["steady_state"]["optimizer_device_bytes"]),
+                format_bytes(a["steady_state"]["total_bytes"]),
+                _ratio(full["steady_state"]["total_bytes"], a["steady_state"]["total_bytes"]) if full else "-",
                 f"{a['step_time_s']:.2f}",
                 f"{a['step_time_s'] / full['step_time_s']:.2f}" if full else "-",
             ]
@@ -255,6 +366,7 @@ def _ratio(numerator: int, denominator: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["bert", "llama"], default="bert", help="encoder (BERT) or Llama-style decoder")
     parser.add_argument("--batch", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--layers", type=int, default=12)
@@ -262,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--intermediate", type=int, default=3072)
     parser.add_argument("--vocab", type=int, default=30522)
-    parser.add_argument("--freeze-ratio", type=float, default=0.9)
+    parser.add_argument("--freeze-ratio", type=float, default=0.9, help="slimfit_freeze/compress/best (slimfit_default: its file's)")
+    parser.add_argument("--galore-rank", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps per arm")
     parser.add_argument("--steps", type=int, default=2, help="measured steps per arm")
     parser.add_argument("--arms", nargs="+", default=None, help=f"subset of {ARMS + CUDA_ARMS}")
@@ -277,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown arms {sorted(unknown)}; choose from {ARMS + CUDA_ARMS}")
     config = {
-        "model": "bert (random init)", "layers": args.layers, "hidden": args.hidden, "heads": args.heads,
+        "model": f"{args.model} (random init)", "default_config": str(DEFAULT_CONFIG), "galore_rank": args.galore_rank, "layers": args.layers, "hidden": args.hidden, "heads": args.heads,
         "intermediate": args.intermediate, "vocab": args.vocab, "seq_len": args.seq_len, "batches": args.batch,
         "freeze_ratio": args.freeze_ratio, "optimizer": "AdamW fp32", "warmup_steps": args.warmup,
         "measured_steps": args.steps, "device": str(device), "torch": torch.__version__,
