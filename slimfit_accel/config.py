@@ -71,7 +71,8 @@ class SlimFitConfig(BaseModel):
 
     ``optimizer_paging``: keep the optimizer state of units frozen in a step in host memory
     (pinned on CUDA), prefetched before they train again; results are bit-identical. For torch
-    optimizers on one device or DDP; under DeepSpeed ZeRO use its ``offload_optimizer``.
+    optimizers on one device or DDP; a no-op (with a warning) under DeepSpeed ZeRO, whose
+    ``offload_optimizer`` keeps the state on host instead.
 
     ``checkpointing``: frozen-aware activation checkpointing of transformer blocks (see
     ``CheckpointingConfig``); off when absent.

@@ -15,8 +15,9 @@ reports what would stay device-resident (``optimizer``) apart from what is paged
 (``optimizer_paged``): paged state tensors are tagged (``is_paged``).
 
 Applies to ``torch.optim`` optimizers, one device or DDP (each rank pages its own state).
-Under DeepSpeed ZeRO the state lives in flat partitions that cannot be split by unit: use
-DeepSpeed's ``offload_optimizer`` there (SlimFit refuses ``optimizer_paging`` under ZeRO).
+Under DeepSpeed ZeRO the state lives in flat partitions that cannot be split by unit: there
+``optimizer_paging`` is a no-op (SlimFit warns once at attach, nothing is copied, so nothing is
+duplicated); DeepSpeed's ``offload_optimizer`` keeps that state on host instead.
 
 Example::
 

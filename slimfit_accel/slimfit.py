@@ -20,6 +20,7 @@ Example, in an Accelerate loop::
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -207,10 +208,12 @@ class SlimFit:
             from .integrations.deepspeed import ZeroStepBackend
 
             if self.config.optimizer_paging:
-                raise IntegrationError(
-                    "optimizer_paging: true does not apply under DeepSpeed ZeRO: its optimizer state lives in flat "
-                    "partitions that cannot be paged by unit. Set optimizer_paging: false and keep the state on "
-                    "host with DeepSpeed's offload_optimizer (e.g. accelerate_configs/zero2_offload.yaml)."
+                # A no-op, not an error, so one config (the packaged default) runs on every backend.
+                warnings.warn(
+                    "optimizer_paging has no effect under DeepSpeed ZeRO: its optimizer state lives in flat "
+                    "partitions, one per rank, that cannot be paged by unit. To keep it on host, use DeepSpeed's "
+                    "offload_optimizer (e.g. accelerate_configs/zero2_offload.yaml).",
+                    stacklevel=3,
                 )
 
             return ZeroStepBackend(accelerator.deepspeed_engine_wrapped.engine)

@@ -71,14 +71,17 @@ def test_paged_state_is_tagged_and_comes_back_on_plan():
     assert not is_paged(opt.state[param]["exp_avg"]) and torch.equal(opt.state[param]["exp_avg"], moments)
 
 
-def test_paging_under_deepspeed_is_refused_at_attach():
+def test_paging_under_deepspeed_is_a_no_op_with_a_warning():
     from accelerate.utils import DistributedType
 
     slimfit = SlimFit.from_config({"optimizer_paging": True})
     model = slimfit.prepare_model(tiny_bert())
-    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=1)
-    with pytest.raises(IntegrationError, match="optimizer_paging.*DeepSpeed ZeRO.*offload_optimizer"):
-        slimfit.attach(accelerator, model, torch.optim.AdamW(model.parameters()))
+    engine = SimpleNamespace(optimizer=None, zero_optimization_stage=lambda: 0)  # not ZeRO: the ZeRO backend says so next
+    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=1,
+                                  deepspeed_engine_wrapped=SimpleNamespace(engine=engine))
+    with pytest.warns(UserWarning, match="optimizer_paging has no effect under DeepSpeed ZeRO.*offload_optimizer"):
+        with pytest.raises(IntegrationError, match="ZeroStepBackend needs a DeepSpeed engine"):
+            slimfit.attach(accelerator, model, torch.optim.AdamW(model.parameters()))
 
 
 @pytest.mark.slow
