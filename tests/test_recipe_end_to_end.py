@@ -87,7 +87,7 @@ def test_compare_full_and_slimfit_writes_table_json_and_pictures(assets, tmp_pat
     assert full["params"] == slim["params"] and full["activations"] > slim["activations"]
     assert compared["full"]["accuracy_before"] == compared["slimfit"]["accuracy_before"]  # same model, split and seed
     table = (out / "compare.md").read_text()
-    assert "full" in table and "slimfit" in table and "activations stored (raw)" in table
+    assert "| full |" in table and "| slimfit |" in table and "activations stored (raw)" in table
     for picture in ("freeze_timeline.png", "memory_breakdown.png"):
         image = Image.open(out / picture)
         image.verify()

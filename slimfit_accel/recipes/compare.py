@@ -76,7 +76,7 @@ def run_compare(args, accelerator, inputs, arms: dict[str, SlimFit | None], trai
     accelerator.print(table)
     if accelerator.is_main_process:
         (output / "compare.json").write_text(json.dumps({"arms": results, "data": inputs.data.sizes}, indent=2, default=str))
-        (output / "compare.md").write_text(table)
+        (output / "compare.md").write_text(render_markdown(results))
         plot_freeze_timeline(results, output / "freeze_timeline.png")
         plot_memory(results, output / "memory_breakdown.png")
         accelerator.print(f"wrote {output}/compare.json, compare.md, freeze_timeline.png, memory_breakdown.png")
@@ -112,6 +112,23 @@ def render_table(results: dict[str, dict]) -> str:
     out = io.StringIO()
     Console(file=out, width=140, force_terminal=False, color_system=None).print(table)
     return out.getvalue() + f"majority-class baseline (always {baseline['class']!r}): accuracy {baseline['accuracy']:.3f}\n"
+
+
+def render_markdown(results: dict[str, dict]) -> str:
+    """The same table as Markdown, for a README or an issue."""
+    lines = ["| arm | accuracy | macro-F1 | params | grads | optimizer | activations stored (raw) | peak total | s/step |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, result in results.items():
+        peak = result["memory"]["peak"]
+        lines.append(
+            f"| {name} | {result['accuracy_after']:.3f} | {result['macro_f1']:.3f} | {format_bytes(peak['params'])} | "
+            f"{format_bytes(peak['grads'])} | {format_bytes(peak['optimizer'])} | {format_bytes(peak['activations'])} "
+            f"({format_bytes(peak['activations_raw'])}) | {format_bytes(peak['total'])} | {result['seconds_per_step']:.2f} |"
+        )
+    baseline = next(iter(results.values()))["majority_baseline"]
+    lines.append(f"\nMajority-class baseline (always {baseline['class']!r}): accuracy {baseline['accuracy']:.3f}, "
+                 f"macro-F1 {baseline['macro_f1']:.3f}.")
+    return "\n".join(lines) + "\n"
 
 
 def plot_freeze_timeline(results: dict[str, dict], path: Path) -> None:
