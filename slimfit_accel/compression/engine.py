@@ -187,7 +187,7 @@ class CompressionEngine:
     # ---------------------------------------------------------------- hot path
     def compressor_for(self, ctx: SavedTensorContext) -> tuple[str, Compressor]:
         """The (name, compressor) the policy picks for a saved tensor (cached per module/role)."""
-        key = (ctx.module_path, ctx.module_type, ctx.role, ctx.frozen, ctx.module_kind)
+        key = (ctx.module_path, ctx.module_type, ctx.role, ctx.frozen)  # the kind follows from the path
         choice = self._choice.get(key)
         if choice is None:
             spec: CompressorSpec = self.policy.select(ctx)
