@@ -117,10 +117,10 @@ class HostOffload:
 # context already runs the meter: SlimFit's step() enters its own meter, ``slimfit.memory``).
 # Arms whose Adam state grows as more units get trained (LISA, SlimFit without paging) are in
 # GROWING_STATE: their steady state is computed for every parameter in the optimizer.
-GROWING_STATE = {"lisa", "slimfit_freeze", "slimfit_compress", "slimfit_default"}
-# Arms that page the state of frozen units to host: their steady state on the device is the
-# resident state measured (that of the units trained in a step); the rest is on host.
-PAGED_STATE = {"slimfit_best"}
+# An arm that pages the state of frozen units to host (``optimizer_paging``; seen as paged bytes
+# in its measured steps) holds on the device the resident state measured (that of the units
+# trained in a step); the rest is on host.
+GROWING_STATE = {"lisa", "slimfit_freeze", "slimfit_compress", "slimfit_default", "slimfit_best"}
 
 
 def attention_projections(args) -> list[str]:
@@ -285,11 +285,11 @@ def run_arm(name: str, args: argparse.Namespace, batch_size: int, device: torch.
     # long enough. Growing arms: AdamW state for every parameter in the optimizer. Paging:
     # what is resident (the rest, up to AdamW state for everything, is on host). Others (full,
     # LoRA, BAdam, GaLore): what was measured, already all they ever hold.
-    if name in GROWING_STATE:
-        full_state, paged_state = full_adamw_state_bytes(optimizer), 0
-    elif name in PAGED_STATE:
+    if peak["optimizer_paged"]:
         full_state = peak["optimizer"]
         paged_state = max(full_adamw_state_bytes(optimizer) - full_state, peak["optimizer_paged"])
+    elif name in GROWING_STATE:
+        full_state, paged_state = full_adamw_state_bytes(optimizer), 0
     else:
         full_state, paged_state = peak["optimizer"], 0
     result = {
