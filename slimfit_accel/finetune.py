@@ -423,7 +423,11 @@ def save_final(accelerator: Accelerator, model, inputs: Inputs, output_dir: Path
         if accelerator.is_main_process:
             unwrapped.merge_and_unload().save_pretrained(final)
     else:
-        state = accelerator.get_state_dict(model)  # every rank: ZeRO-3 gathers the partitions
+        try:
+            state = accelerator.get_state_dict(model)  # every rank: ZeRO-3 gathers the partitions
+        except ValueError as err:  # ZeRO-3 without 16-bit gathering on save
+            raise RecipeError(f"cannot save {final}: {str(err).splitlines()[0]} (set zero3_save_16bit_model: true "
+                              f"in the accelerate config, as accelerate_configs/zero3.yaml does)") from None
         unwrapped.save_pretrained(final, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=state)
     if accelerator.is_main_process:
         inputs.preprocessor.save_pretrained(final)
