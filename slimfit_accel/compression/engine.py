@@ -202,6 +202,8 @@ class CompressionEngine:
         role = tagged_role(tensor)
         if role is None and frame.input_ptr and tensor.data_ptr() == frame.input_ptr:
             role = "input"
+        elif role is None and type(tensor.grad_fn).__name__ == "LogSoftmaxBackward0":
+            role = "log_probs"  # a cross-entropy loss's log-softmax output
         if tensor.is_floating_point() and tensor.numel() >= self.policy.min_numel:
             ctx = SavedTensorContext(
                 module_path=frame.path,

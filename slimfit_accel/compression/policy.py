@@ -127,6 +127,8 @@ def _policy(gelu: dict, attention: dict, layernorm: dict, ffn_down: dict, modern
         if modern else Rule(module_type="*LayerNorm", role="normalized", when="frozen", compressor=CompressorSpec(**layernorm)),
     ]
     if modern:
+        # A loss's log-softmax output (batch x length x vocabulary): probabilities in 8 bits.
+        rules.append(Rule(role="log_probs", compressor=CompressorSpec(name="int8", log_domain=True)))
         # A gated MLP's own glue: the operands of act(gate) * up.
         rules.append(Rule(module_kind="mlp", compressor=CompressorSpec(**ffn_down)))
         rules.append(Rule(module_kind="ffn_down", compressor=CompressorSpec(**ffn_down)))
@@ -151,6 +153,8 @@ def slimfit_policy() -> CompressionPolicy:
     LayerNorm/RMSNorm normalized output         frozen      int4, one scale per row
     gated-MLP operands (kind ``mlp``)           any         int8, one scale per row
     FFN down-projection input                   any         int8, one scale per row
+    log-softmax output of a loss (role          any         its probabilities, 8 bits, one
+    ``log_probs``; batch x length x vocab)                  scale per row
     everything else                             any         none
     ==========================================  ==========  =================================
 
