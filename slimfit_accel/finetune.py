@@ -280,8 +280,9 @@ def train(args, accelerator: Accelerator, inputs: Inputs, slimfit: SlimFit | Non
         total_steps = min(total_steps, args.max_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     # Accelerate steps a prepared scheduler once per process per optimizer step.
+    warm_constant = args.lr_scheduler == "constant" and args.warmup_ratio > 0  # transformers names it apart
     lr_sched = get_scheduler(
-        args.lr_scheduler, optimizer,
+        "constant_with_warmup" if warm_constant else args.lr_scheduler, optimizer,
         num_warmup_steps=int(args.warmup_ratio * total_steps) * accelerator.num_processes,
         num_training_steps=total_steps * accelerator.num_processes,
     )

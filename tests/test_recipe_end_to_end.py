@@ -173,12 +173,14 @@ def _tensorboard_scalars(folder: Path) -> dict[str, list[float]]:
     return scalars
 
 
-def test_report_to_tensorboard_logs_every_step(assets, tmp_path):
+def test_report_to_tensorboard_logs_every_step_and_the_schedule(assets, tmp_path):
     pytest.importorskip("tensorboardX")
     out = tmp_path / "out"
     finetune.main(["--model", str(assets["bert"]), "--train-file", str(assets["train_csv"]), "--test-file", str(assets["test_csv"]),
-                   *TEXT, *SMALL, "--epochs", "1", "--report-to", "tensorboard", "--output-dir", str(out)])
+                   *TEXT, *SMALL, "--epochs", "1", "--report-to", "tensorboard", "--output-dir", str(out),
+                   "--lr-scheduler", "cosine", "--warmup-ratio", "0.5"])
     scalars = _tensorboard_scalars(out)
+    assert [round(lr / 1e-3, 4) for lr in scalars["lr"]] == [0.3333, 0.6667, 1.0, 0.75, 0.25, 0.0]  # 3 warm-up steps, then cosine
     for tag in ("loss", "lr", "trainable_fraction", "activation_bytes_stored", "activation_bytes_raw"):
         assert len(scalars[tag]) == 6, tag
     assert all(0 < f < 1 for f in scalars["trainable_fraction"])
