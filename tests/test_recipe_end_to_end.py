@@ -102,22 +102,23 @@ def _recipe(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def test_resume_in_a_new_process_matches_an_uninterrupted_run(assets, tmp_path):
-    """Checkpoint at step 3 (mid-epoch), resume in another process: same freeze sequence, same
-    weights; OUTPUT/final loads with from_pretrained and reproduces the final accuracy."""
+    """Checkpoint at step 2 (mid-epoch, accumulating 2 batches a step), resume in another process:
+    same freeze sequence, same weights; OUTPUT/final loads with from_pretrained and reproduces the
+    final accuracy."""
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     common = ["--model", str(assets["bert"]), "--train-file", str(assets["train_csv"]), "--test-file", str(assets["test_csv"]),
-              *TEXT, *SMALL, "--epochs", "2", "--checkpointing-steps", "3"]
+              *TEXT, *SMALL, "--epochs", "2", "--grad-accum", "2", "--checkpointing-steps", "2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     done = _recipe([*common, "--output-dir", str(straight)])
     assert done.returncode == 0, done.stderr[-3000:]
-    done = _recipe([*common, "--output-dir", str(resumed), "--resume-from-checkpoint", str(straight / "checkpoints" / "step_000003")])
+    done = _recipe([*common, "--output-dir", str(resumed), "--resume-from-checkpoint", str(straight / "checkpoints" / "step_000002")])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout
 
     a, b = json.loads((straight / "summary.json").read_text()), json.loads((resumed / "summary.json").read_text())
-    assert a["timeline"] == b["timeline"] and len(a["timeline"]) == 12
+    assert a["timeline"] == b["timeline"] and len(a["timeline"]) == 6
     assert a["epochs"] == b["epochs"]
     weights_a, weights_b = load_file(straight / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
     assert max((weights_a[k] - weights_b[k]).abs().max().item() for k in weights_a) <= 1e-6
@@ -134,7 +135,7 @@ def test_resume_in_a_new_process_matches_an_uninterrupted_run(assets, tmp_path):
 
     # Resuming with other settings would take other batches: refused, one line, nothing written.
     other = tmp_path / "other"
-    done = _recipe([*common, "--batch-size", "4", "--output-dir", str(other), "--resume-from-checkpoint", str(straight / "checkpoints" / "step_000003")])
+    done = _recipe([*common, "--batch-size", "4", "--output-dir", str(other), "--resume-from-checkpoint", str(straight / "checkpoints" / "step_000002")])
     assert done.returncode == 2 and not other.exists()
     assert done.stderr.strip().splitlines()[-1].endswith("it was made with --batch-size 8, this run has 4; resume with the same settings")
 
