@@ -100,3 +100,10 @@ def test_mnist_5k_builtin():
     assert data.task == "image" and data.sizes == {"train": 100, "test": 50} and len(data.label_names) == 10
     with pytest.raises(RecipeError, match="--dataset mnist_5k: --train-size 9999"):
         load_data("mnist_5k", train_size=9999)
+
+
+def test_empty_texts_are_refused(tmp_path):
+    path = tmp_path / "gaps.csv"
+    path.write_text("text,label\ngood movie,pos\n,neg\nfine film,neg\ndull plot,neg\nthe best,pos\n")
+    with pytest.raises(RecipeError, match="text column 'text' is empty in 1"):
+        load_data(train_file=str(path), test_fraction=0.2)

@@ -192,6 +192,10 @@ def _check_features(splits: DatasetDict, task: str, column: str, source: str, ba
             raise RecipeError(f"{source}: column {column!r} holds images, not text; pass it as --image-column")
         if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
             raise RecipeError(f"{source}: column {column!r} holds {_describe(feature)}, not text; pass --text-column with a column of text")
+        for split in splits:
+            empty = sum(1 for text in splits[split]["text"] if text is None)
+            if empty:
+                raise RecipeError(f"{source}: text column {column!r} is empty in {empty} {split} rows; fill or drop them")
         return splits
     if isinstance(feature, Image):
         return splits
