@@ -85,7 +85,7 @@ def test_paging_under_deepspeed_is_a_no_op_with_a_warning():
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_paging_is_bit_identical(tmp_path):
+def test_ddp_two_processes_paging_is_bit_identical_and_composes_with_checkpointing(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(WORKERS / "paging_worker.py"), "--out", str(tmp_path)]
@@ -97,3 +97,4 @@ def test_ddp_two_processes_paging_is_bit_identical(tmp_path):
         assert result["weights_equal"] and result["state_equal"]
         assert all(b > 0 for b in result["paged_bytes"][1:])
         assert result["reported_paged"] > 0 and result["resident_optimizer"][1] < result["resident_optimizer"][0]
+        assert result["checkpointed_max_diff"] < 1e-5  # paging + block checkpointing under DDP

@@ -1,8 +1,9 @@
 """Worker for the 2-process DDP paging test (run with torchrun). Writes one JSON per rank.
 
-Trains the same tiny BERT twice under DDP, 10 optimizer steps of SlimFit (AdamW with weight
-decay, gradient accumulation 2), with and without ``optimizer_paging``, and records whether
-weights and optimizer state came out bit-identical and how much state was paged.
+Trains the same tiny BERT under DDP, 10 optimizer steps of SlimFit (AdamW with weight decay,
+gradient accumulation 2), without and with ``optimizer_paging``, and records whether weights and
+optimizer state came out bit-identical and how much state was paged; then once more with paging
+and block checkpointing (no compression), which must match within float32 rounding.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from slimfit_accel import SlimFit, make_accelerator  # noqa: E402
 from slimfit_accel.paging import paged_bytes  # noqa: E402
 
 
-def train(paging: bool, steps: int = 10, accum: int = 2):
+def train(paging: bool, steps: int = 10, accum: int = 2, checkpointing: bool = False):
     accelerator = make_accelerator(gradient_accumulation_steps=accum)
     rank = accelerator.process_index
     config = {"scheduler": {"name": "ils", "freeze_ratio": 0.8}, "optimizer_paging": paging, "compression": "none"}
+    if checkpointing:
+        config["checkpointing"] = {"blocks": "all"}
     slimfit = SlimFit.from_config(config)
     model = slimfit.prepare_model(tiny_bert(layers=3))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -54,6 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     w0, s0, _, r0 = train(paging=False)
     w1, s1, paged, r1 = train(paging=True)
+    w2, _, _, _ = train(paging=True, checkpointing=True)
     import torch.distributed as dist
 
     result = {
@@ -63,6 +67,7 @@ def main() -> None:
         "paged_bytes": paged,
         "resident_optimizer": [r0.last.optimizer, r1.last.optimizer],
         "reported_paged": r1.last.optimizer_paged,
+        "checkpointed_max_diff": max((a - b).abs().max().item() for a, b in zip(w0, w2)),
     }
     Path(args.out, f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
 
