@@ -2,10 +2,11 @@
 under DDP; an overflowing step leaves SlimFit's step, the scores and every weight unchanged.
 
 All cases run in one 2-process launch of tests/workers/precision_worker.py (see its docstring).
-On a CPU, DeepSpeed refuses fp16 (``Type fp16 is not supported on your device``: its CPU
-accelerator reports fp16 support only where oneDNN has fp16 kernels), so ``zero2_fp16`` checks
-that refusal there and trains where fp16 exists; DeepSpeed's overflow path itself is exercised
-in fp32 (``zero2_overflow``: an inf gradient is skipped by the same code fp16 uses).
+On a CPU without oneDNN fp16 kernels, DeepSpeed refuses fp16 (``Type fp16 is not supported on
+your device``: its CPU accelerator's ``is_fp16_supported``); the worker records that refusal and
+runs ``zero2_fp16`` with the check lifted, so DeepSpeed's real fp16 path (fp16 module, fp32
+master partitions, dynamic loss scaler, overflow skip) is what is tested. DeepSpeed's overflow
+path is also exercised in fp32 (``zero2_overflow``: an inf gradient is skipped by the same code).
 """
 
 from __future__ import annotations
@@ -41,12 +42,8 @@ def results(tmp_path_factory) -> dict:
 
 def trained(results: dict, case: str) -> dict:
     result = results[case]
-    if "unsupported" in result:
-        import torch
-
-        assert case == "zero2_fp16" and not torch.cuda.is_available(), result["unsupported"]
-        assert "fp16 is not supported on your device" in result["unsupported"]
-        pytest.skip(f"{case}: {result['unsupported']} (DeepSpeed, CPU)")
+    if "refused" in result:  # DeepSpeed's capability check, lifted for this run (see docstring)
+        assert case == "zero2_fp16" and "fp16 is not supported on your device" in result["refused"]
     return result
 
 
