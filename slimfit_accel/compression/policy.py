@@ -133,7 +133,9 @@ def _policy(gelu: dict, attention: dict, layernorm: dict, ffn_down: dict, modern
         rules.append(Rule(module_kind="mlp", compressor=CompressorSpec(**ffn_down)))
         rules.append(Rule(module_kind="ffn_down", compressor=CompressorSpec(**ffn_down)))
     rules.append(Rule(path=FFN_DOWN_PATHS, exclude=("*attention*", "*attn*"), compressor=CompressorSpec(**ffn_down)))
-    return CompressionPolicy(rules=tuple(rules))
+    # Everything else (chiefly the inputs of the layers trained this step) as the FFN input.
+    default = CompressorSpec(**ffn_down) if modern else CompressorSpec(name="none")
+    return CompressionPolicy(rules=tuple(rules), default=default)
 
 
 def slimfit_policy() -> CompressionPolicy:
@@ -155,8 +157,13 @@ def slimfit_policy() -> CompressionPolicy:
     FFN down-projection input                   any         int8, one scale per row
     log-softmax output of a loss (role          any         its probabilities, 8 bits, one
     ``log_probs``; batch x length x vocab)                  scale per row
-    everything else                             any         none
+    everything else (trained layers' inputs)    any         int8, one scale per row
     ==========================================  ==========  =================================
+
+    SlimFit kept everything else, chiefly the inputs of the layers trained in the step, exact;
+    int8 with a scale per row leaves the trained units' gradients as close (worst per-unit
+    cosine unchanged to four decimals on tiny BERT, GPT-2, Llama, T5, ViT) and stores Llama's
+    activations 4.2x smaller instead of 3.4x, ViT's 4.6x instead of 3.4x.
 
     The normalized output of a frozen norm was SlimFit's top-10% pruning; int4 with a scale per
     row is both smaller and closer: on a tiny ViT (pre-LayerNorm) the top-10% rule dropped the
