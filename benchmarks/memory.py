@@ -200,12 +200,30 @@ def arm_galore(args, device):
     return model, optimizer, MemoryMeter(model, optimizer), None, None, False
 
 
+#: meter id -> the SlimFit object of the arm (for the worst-case trained set under paging)
+SLIMFIT_OF: dict[int, SlimFit] = {}
+
+
+def worst_case_trained(slimfit: SlimFit, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+    """(AdamW state bytes, gradient bytes) of the largest set of parameters one step can train:
+    everything in the optimizer that is not a schedulable unit, plus the largest units as many as
+    the scheduler picks per step (the word embeddings, say, can be one of them)."""
+    picked = len(slimfit.controller.trainable)
+    largest = sorted(slimfit.units.schedulable, key=lambda u: u.numel, reverse=True)[:picked]
+    scheduled = {id(p) for u in slimfit.units.schedulable for p in u.params}
+    params = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in scheduled]
+    params += [p for u in largest for p in u.params]
+    grads = sum(p.numel() * p.element_size() for p in params)
+    return sum(2 * p.numel() * p.element_size() + 4 for p in params), grads
+
+
 def _slimfit_arm(args, device, config):
     model = build_model(args, device)
     slimfit = SlimFit.from_config(config)
     model = slimfit.prepare_model(model)
     optimizer = adamw(model.parameters())
     slimfit.attach(None, model, optimizer)
+    SLIMFIT_OF[id(slimfit.memory)] = slimfit
     # slimfit.step() runs slimfit.memory (without compression it counts what autograd saves)
     return model, optimizer, slimfit.memory, slimfit.step, slimfit.detach, True
 
@@ -285,9 +303,15 @@ def run_arm(name: str, args: argparse.Namespace, batch_size: int, device: torch.
     # long enough. Growing arms: AdamW state for every parameter in the optimizer. Paging:
     # what is resident (the rest, up to AdamW state for everything, is on host). Others (full,
     # LoRA, BAdam, GaLore): what was measured, already all they ever hold.
+    grads_extra = 0
     if peak["optimizer_paged"]:
-        full_state = peak["optimizer"]
-        paged_state = max(full_adamw_state_bytes(optimizer) - full_state, peak["optimizer_paged"])
+        # Device-resident: the state of the largest set one step may train (measured steps may
+        # have drawn smaller units); gradients likewise.
+        slimfit = SLIMFIT_OF.pop(id(meter), None)
+        full_state, worst_grads = worst_case_trained(slimfit, optimizer) if slimfit is not None else (peak["optimizer"], 0)
+        full_state = max(full_state, peak["optimizer"])
+        grads_extra = max(0, worst_grads - peak["grads"])
+        paged_state = max(full_adamw_state_bytes(optimizer) - full_state, 0)
     elif name in GROWING_STATE:
         full_state, paged_state = full_adamw_state_bytes(optimizer), 0
     else:
@@ -305,12 +329,13 @@ def run_arm(name: str, args: argparse.Namespace, batch_size: int, device: torch.
         # Few steps understate the optimizer state of arms that train a subset per step (it grows
         # as more units are trained and is never released): the figure once all are stepped.
         "optimizer_full_state_bytes": full_state,
-        "total_full_state_bytes": peak["total"] - peak["optimizer"] + full_state,
+        "total_full_state_bytes": peak["total"] - peak["optimizer"] + full_state + grads_extra,
         "optimizer_paged_bytes": peak["optimizer_paged"],
         "steady_state": {
             "optimizer_device_bytes": full_state,
             "optimizer_host_bytes": paged_state,
-            "total_bytes": peak["total"] - peak["optimizer"] + full_state,
+            "total_bytes": peak["total"] - peak["optimizer"] + full_state + grads_extra,
+            "gradients_worst_case_extra_bytes": grads_extra,
         },
         "by_compressor": meter.summary().by_compressor,
     }
