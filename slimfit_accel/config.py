@@ -76,6 +76,11 @@ class SlimFitConfig(BaseModel):
 
     ``checkpointing``: frozen-aware activation checkpointing of transformer blocks (see
     ``CheckpointingConfig``); off when absent.
+
+    ``lr_scale``: multiplies every param group's learning rate inside each optimizer step
+    (the LR scheduler and the logged rate are untouched). A unit trains in only a fraction of
+    the steps, so it takes larger steps when it does; the default config uses 3 (measured in
+    ``benchmarks/RESULTS.md``). 1 leaves the optimizer as the user built it.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -88,6 +93,7 @@ class SlimFitConfig(BaseModel):
     compression: Literal["slimfit", "reference", "none"] | CompressionPolicy = "slimfit"
     optimizer_paging: bool = False
     checkpointing: CheckpointingConfig | None = None
+    lr_scale: float = Field(default=1.0, gt=0.0, le=100.0)
 
 
 def load_config(source: str | Path | Mapping[str, Any] | SlimFitConfig) -> SlimFitConfig:

@@ -53,8 +53,11 @@ class FreezeController:
         registry: StrategyRegistry,
         seed: int = 0,
         total_steps: int | None = None,
+        lr_scale: float = 1.0,
     ):
         self.units = units
+        self.lr_scale = lr_scale
+        self._unscaled_lr: list[tuple[dict, Any]] = []
         self.scorer = scorer
         self.scheduler = scheduler
         self.registry = registry
@@ -172,6 +175,7 @@ class FreezeController:
         return chosen
 
     def _before_optimizer_step(self) -> None:
+        self._scale_lr()
         units = [self._by_name[name] for name in self.trainable]
         self._views = self.backend.views([(u.name, u.params) for u in units])
         try:
@@ -181,6 +185,7 @@ class FreezeController:
         self.last_snapshot_bytes = tensor_bytes(self._carried)
 
     def _after_optimizer_step(self) -> None:
+        self._restore_lr()
         views, carried = self._views, self._carried
         self._views, self._carried = [], None
         if views:
@@ -192,6 +197,20 @@ class FreezeController:
         if self._total_numel:
             self.stats.trainable_fraction_sum += sum(self._numel[n] for n in self.trainable) / self._total_numel
         self.step += 1
+
+    def _scale_lr(self) -> None:
+        """Each unit sits out most steps, so it takes larger steps when it trains (``lr_scale``).
+        Only the optimizer's step sees the scaled rate; the user's LR scheduler is untouched."""
+        if self.lr_scale == 1.0:
+            return
+        self._unscaled_lr = [(group, group["lr"]) for group in self.backend.param_groups]
+        for group, lr in self._unscaled_lr:
+            group["lr"] = lr * self.lr_scale
+
+    def _restore_lr(self) -> None:
+        for group, lr in self._unscaled_lr:
+            group["lr"] = lr
+        self._unscaled_lr = []
 
     def _update_scores(self, views: Sequence[UnitView], carried: Any) -> None:
         plugin = self.scorer.registration.plugin

@@ -134,7 +134,8 @@ class SlimFit:
             check_launch(accelerator.distributed_type, accelerator.num_processes)
         backend = self._backend(accelerator, model, optimizer)
         self.controller = FreezeController(
-            self.units, self.scorer, self.scheduler, self.registry, seed=self.config.seed, total_steps=total_steps
+            self.units, self.scorer, self.scheduler, self.registry, seed=self.config.seed, total_steps=total_steps,
+            lr_scale=self.config.lr_scale,
         )
         self.controller.bind(backend)
         if self.policy is not None:

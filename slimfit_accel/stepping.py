@@ -41,6 +41,10 @@ class StepBackend(Protocol):
     def remove(self) -> None:
         """Undo ``install``: the optimizer behaves as it did before."""
 
+    @property
+    def param_groups(self) -> list[dict]:
+        """The param groups of the optimizer that applies the update (their ``lr`` is used)."""
+
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
@@ -79,6 +83,10 @@ class TorchStepBackend:
             self.optimizer.register_step_pre_hook(pre_hook),
             self.optimizer.register_step_post_hook(post_hook),
         ]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
 
     def set_frozen(self, frozen: Collection[torch.nn.Parameter]) -> None:
         self._frozen = tuple(frozen)

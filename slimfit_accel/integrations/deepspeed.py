@@ -132,6 +132,11 @@ class ZeroStepBackend:
         self._began = False
 
     # ---------------------------------------------------------------------------- protocol
+    @property
+    def param_groups(self) -> list[dict]:
+        # ZeRO-1/2 narrows basic.param_groups to one group while stepping it: use the full list.
+        return self._groups_at_init
+
     def install(self, before_step: StepCallback, after_step: StepCallback) -> None:
         if self._installed:
             raise IntegrationError("ZeroStepBackend.install was called twice; call remove() first.")
