@@ -48,13 +48,29 @@ def test_default_policy_follows_the_slimfit_table():
     assert pick("h.0.attn", "GPT2Attention") == attention
     assert pick("enc.layer.0.output.dropout", "Dropout").name == "bitmask"
     assert pick("enc.layer.0.output.LayerNorm", "LayerNorm", "normalized", True).name == "int4"
-    assert pick("enc.layer.0.output.LayerNorm", "LayerNorm", "normalized", False).name == "none"
+    # everything else, chiefly what trained layers keep: the int8 default
+    assert policy.default.name == "int8"
+    assert pick("enc.layer.0.output.LayerNorm", "LayerNorm", "normalized", False).name == "int8"
     assert pick("enc.layer.0.output.dense", "Linear", "input").name == "int8"  # FFN down, BERT/ViT
     assert pick("model.layers.0.mlp.down_proj", "Linear").name == "int8"  # Llama
     assert pick("h.0.mlp.c_proj", "Conv1D").name == "int8"  # GPT-2
-    assert pick("enc.layer.0.attention.output.dense", "Linear", "input").name == "none"
-    assert pick("h.0.attn.c_proj", "Conv1D").name == "none"
-    assert pick("enc.layer.0.intermediate.dense", "Linear", "input").name == "none"
+    assert pick("enc.layer.0.attention.output.dense", "Linear", "input").options == {}  # the default, not a rule
+    assert pick("enc.layer.0.intermediate.dense", "Linear", "input").name == "int8"
+    assert pick("model.layers.0.mlp.down_proj", "Linear") is not policy.default
+
+
+def test_default_policy_rules_on_what_modules_compute():
+    policy = slimfit_policy()
+
+    def pick(kind="", role=None, type_="X", frozen=True):
+        return policy.select(SavedTensorContext("m", type_, role, frozen, torch.float32, (2, 2), kind))
+
+    assert (pick("relu").name, pick("relu").options) == ("bitmask", {"sign": True})  # exact
+    assert pick("activation").name == "int4"  # SiLU, Tanh, ... as GELU
+    assert pick("mlp").name == "int8" and pick("ffn_down").name == "int8"
+    assert pick("norm", "normalized").name == "int4" and pick("norm", "normalized", frozen=False).name == "int8"
+    assert pick(role="log_probs").options == {"log_domain": True}
+    assert pick(role="block_input").name == "int8"
 
 
 def test_unknown_fields_and_bad_when_are_rejected():
