@@ -7,7 +7,8 @@ other in the same launch (Accelerate's state is reset in between) to save proces
 
 * ``straight``: 10 optimizer steps of 2 micro-batches each, saving state at the end of step 5
   (``OUT/BACKEND/at_boundary``) and after the first micro-batch of step 5
-  (``OUT/BACKEND/mid_step``); the run goes on unperturbed. Rank 0 writes the decision and
+  (``OUT/BACKEND/mid_step``), both inside the ``slimfit.step()`` block (units frozen); the run
+  goes on unperturbed. Rank 0 writes the decision and
   observer logs and the final fp32 weights.
 * ``resume``: a new process loads ``at_boundary`` and trains the last 5 steps, then loads
   ``mid_step`` into the same objects and trains on from micro-batch 1 of step 5. Accelerate
@@ -113,8 +114,8 @@ def train(run, first_step: int, last_step: int, on_micro=None, first_micro: int 
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            if on_micro is not None:
-                on_micro(step, micro)
+                if on_micro is not None:  # inside the block: units of this step still frozen
+                    on_micro(step, micro)
     return decisions
 
 
@@ -130,7 +131,7 @@ def full_weights(run) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters()}
 
 
-def record(run, out: Path, name: str, decisions: list, log_start: int = 0) -> None:
+def record(run, out: Path, name: str, decisions: list, log_start: int = 0, extra: dict | None = None) -> None:
     slimfit, accelerator, log = run[0], run[3], run[4]
     weights = full_weights(run)
     if accelerator.is_main_process:
@@ -142,6 +143,7 @@ def record(run, out: Path, name: str, decisions: list, log_start: int = 0) -> No
             "controller_step": slimfit.controller.step,
             "world": accelerator.num_processes,
             "distributed_type": str(accelerator.distributed_type),
+            **(extra or {}),
         }))
     accelerator.wait_for_everyone()
 
@@ -198,10 +200,27 @@ def resume(backend: str, out: Path) -> None:
 
     # Saved after micro-batch 0 of step SAVE_AT: Accelerate restores the accumulation position
     # (and RNG), not the gradient of micro-batch 0, so the step goes on from micro-batch 1.
+    # Loaded with units frozen (as when a decision is applied before load_state): DeepSpeed
+    # must not look for them among the checkpoint's frozen parameters, and they stay frozen.
     start = len(log.events)
+    frozen = [p for unit in slimfit.units.schedulable[::2] for p in unit.params]
+    for param in frozen:
+        param.requires_grad_(False)
     accelerator.load_state(str(out / "mid_step"))
+    still_frozen = all(not p.requires_grad for p in frozen)
+    for param in frozen:
+        param.requires_grad_(True)
     decisions = train(run, slimfit.controller.step, STEPS, first_micro=1)
-    record(run, out, "resumed_mid", decisions, log_start=start)
+    record(run, out, "resumed_mid", decisions, log_start=start,
+           extra={"still_frozen_after_load": still_frozen, "saved_frozen": saved_frozen_parameters(out / "mid_step")})
+
+
+def saved_frozen_parameters(folder: Path) -> list[str]:
+    """Parameters a DeepSpeed checkpoint recorded as frozen (requires_grad off at save time)."""
+    states = folder / "pytorch_model" / "mp_rank_00_model_states.pt"
+    if not states.exists():
+        return []
+    return sorted(torch.load(states, map_location="cpu", weights_only=False).get("frozen_param_fragments") or {})
 
 
 def reset_accelerate() -> None:
