@@ -9,3 +9,5 @@ from slimfit_accel.recipes.rotten_tomatoes import (  # noqa: F401
     load_rotten_tomatoes,
     tokenize_splits,
 )
+
+__all__ = ["DATA_FILE", "FEATURES", "INSTALL_HINT", "LABEL_NAMES", "data_path", "load_rotten_tomatoes", "tokenize_splits"]
