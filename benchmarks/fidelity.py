@@ -100,12 +100,29 @@ def arms() -> dict[str, dict[str, Any]]:
         "ils_no_embeddings": {"slimfit": _with(REFERENCE, units={"exclude": ["*word_embeddings*"]})},
         "ils_block": {"slimfit": _with(REFERENCE, units={"granularity": "module"})},
         "full_lr2": {"slimfit": None, "lr_scale": 2.0},
+        "full_lr3": {"slimfit": None, "lr_scale": 3.0},
+        "ils_r0.9_lr3": {"slimfit": _with(REFERENCE, scheduler={"freeze_ratio": 0.9}), "lr_scale": 3.0},
+        "ils_r0.9_lr5": {"slimfit": _with(REFERENCE, scheduler={"freeze_ratio": 0.9}), "lr_scale": 5.0},
         "ils_age1": {"slimfit": _with(REFERENCE, scheduler={"age_exponent": 1.0})},
+        "ils_age2": {"slimfit": _with(REFERENCE, scheduler={"age_exponent": 2.0})},
         "ils_age1_lr2": {"slimfit": _with(REFERENCE, scheduler={"age_exponent": 1.0}), "lr_scale": 2.0},
         "ils_age1_lr3": {"slimfit": _with(REFERENCE, scheduler={"age_exponent": 1.0}), "lr_scale": 3.0},
         "ils_age1_r0.9_lr3": {"slimfit": _with(REFERENCE, scheduler={"age_exponent": 1.0, "freeze_ratio": 0.9}), "lr_scale": 3.0},
     }
     return table
+
+
+def code_version() -> str:
+    """The commit the run used (+dirty when the work tree had changes): results follow the code."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
 
 
 def arm_fingerprint(arm: dict[str, Any]) -> str:
@@ -311,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
             record.update(
                 seed=seed, split_seed=args.split_seed, arm=arm, arm_fingerprint=arm_fingerprint(arm),
                 setting={**setting, "batch_size": args.batch_size, "max_length": args.max_length, "lr": args.lr},
-                torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
+                torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(), code=code_version(),
                 finished=time.strftime("%Y-%m-%d %H:%M:%S"),
             )
             results = load_results(args.results)  # another sitting may have written meanwhile

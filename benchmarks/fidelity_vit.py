@@ -29,13 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fidelity import (  # noqa: E402
-    RESULTS, _with, arm_fingerprint, arms, load_results, macro_f1, run_key, save_results, table,
+    RESULTS, _with, arm_fingerprint, arms, code_version, load_results, macro_f1, run_key, save_results, table,
 )
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 CACHE = Path.home() / ".cache" / "slimfit-accel" / "vit-fashion-mnist"
-VIT = dict(image_size=28, patch_size=4, num_channels=1, hidden_size=128, num_hidden_layers=6,
-           num_attention_heads=4, intermediate_size=512, hidden_dropout_prob=0.0,
+VIT = dict(image_size=28, patch_size=7, num_channels=1, hidden_size=128, num_hidden_layers=6,
+           num_attention_heads=4, intermediate_size=256, hidden_dropout_prob=0.0,
            attention_probs_dropout_prob=0.0)
 
 
@@ -181,7 +181,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--pretrain-epochs", type=int, default=1)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     known = arms()
     chosen = [a.strip() for a in args.arms.split(",") if a.strip()]
     if any(a not in known for a in chosen):
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
                                    "train": len(data[0][1]), "test": len(data[1][1]), "epochs": args.epochs,
                                    "batch_size": args.batch_size, "lr": args.lr},
                           torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
-                          finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+                          code=code_version(), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
             results = load_results(args.results)
             results["runs"][key] = record
             save_results(results, args.results)
