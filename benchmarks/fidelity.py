@@ -100,6 +100,8 @@ def arms() -> dict[str, dict[str, Any]]:
         "ils_no_embeddings": {"slimfit": _with(REFERENCE, units={"exclude": ["*word_embeddings*"]})},
         "ils_block": {"slimfit": _with(REFERENCE, units={"granularity": "module"})},
         "full_lr2": {"slimfit": None, "lr_scale": 2.0},
+        "default_r0.5": {"slimfit": _with(default, scheduler={"freeze_ratio": 0.5})},
+        "default_lr1": {"slimfit": _with(default, lr_scale=1.0)},
         "full_lr3": {"slimfit": None, "lr_scale": 3.0},
         "ils_r0.9_lr3": {"slimfit": _with(REFERENCE, scheduler={"freeze_ratio": 0.9}), "lr_scale": 3.0},
         "ils_r0.9_lr5": {"slimfit": _with(REFERENCE, scheduler={"freeze_ratio": 0.9}), "lr_scale": 5.0},

