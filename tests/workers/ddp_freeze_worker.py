@@ -89,4 +89,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from worker_exit import exit_cleanly
+
     main()
+    exit_cleanly()

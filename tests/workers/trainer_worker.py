@@ -49,5 +49,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from worker_exit import exit_cleanly
+
     torch.set_num_threads(1)
     main()
+    exit_cleanly()

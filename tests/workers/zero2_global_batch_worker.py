@@ -93,21 +93,10 @@ def main() -> None:
         os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
 
 
-def exit_cleanly() -> None:
-    """All ranks done: leave without the interpreter's C++ teardown, where DeepSpeed's CPU
-    communication threads sometimes abort a finished process ("terminate called without an
-    active exception") and turn a passed run into a failed launch."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
 
 if __name__ == "__main__":
+    from worker_exit import exit_cleanly
+
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main()
