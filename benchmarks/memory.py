@@ -207,14 +207,24 @@ SLIMFIT_OF: dict[int, SlimFit] = {}
 def worst_case_trained(slimfit: SlimFit, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
     """(AdamW state bytes, gradient bytes) of the largest set of parameters one step can train:
     everything in the optimizer that is not a schedulable unit, plus the largest units as many as
-    the scheduler picks per step (the word embeddings, say, can be one of them)."""
-    picked = len(slimfit.controller.trainable)
-    largest = sorted(slimfit.units.schedulable, key=lambda u: u.numel, reverse=True)[:picked]
+    the scheduler picks per step (the word embeddings, say, can be one of them), or, for ILS with
+    ``budget: parameters``, the budget."""
     scheduled = {id(p) for u in slimfit.units.schedulable for p in u.params}
     params = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in scheduled]
-    params += [p for u in largest for p in u.params]
+    state = sum(2 * p.numel() * p.element_size() + 4 for p in params)
     grads = sum(p.numel() * p.element_size() for p in params)
-    return sum(2 * p.numel() * p.element_size() + 4 for p in params), grads
+    strategy = slimfit.controller.scheduler.strategy
+    if getattr(strategy, "budget", "units") == "parameters":
+        # ILS with a parameter budget: what one step trains is bounded by the budget itself.
+        size = slimfit.units.schedulable[0].params[0].element_size()
+        budget = int((1.0 - strategy.freeze_ratio) * sum(u.numel for u in slimfit.units.schedulable) + 1e-6)
+        return state + 2 * budget * size, grads + budget * size
+    picked = len(slimfit.controller.trainable)
+    largest = sorted(slimfit.units.schedulable, key=lambda u: u.numel, reverse=True)[:picked]
+    largest_params = [p for u in largest for p in u.params]
+    state += sum(2 * p.numel() * p.element_size() + 4 for p in largest_params)
+    grads += sum(p.numel() * p.element_size() for p in largest_params)
+    return state, grads
 
 
 def _slimfit_arm(args, device, config):

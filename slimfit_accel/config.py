@@ -32,8 +32,9 @@ class UnitsConfig(BaseModel):
     scales), ``module`` (a layer's weights together) or ``block`` (a whole transformer layer).
     ``include``/``exclude``: glob patterns over parameter names choosing the candidates (others
     are left as the user set them). ``always_train``: patterns over unit or parameter names for
-    units trained at every step (e.g. a new classifier head; ``head`` names the model's task head;
-    a wrapped model such as PEFT's names it ``base_model.model.classifier...``, so write
+    units trained at every step (e.g. a new classifier head; ``head`` names the model's task head,
+    nothing for a language model whose head is its output embeddings; ``norms`` names every norm
+    scale; a wrapped model such as PEFT's names it ``base_model.model.classifier...``, so write
     ``"*classifier*"``). ``freeze_biases``: make biases and norm shifts freezable too (SlimFit
     keeps them always trainable: they are cheap). ``candidates``: ``trainable`` (default) takes
     only parameters with ``requires_grad`` when ``prepare_model`` runs, so whatever the user froze

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -146,6 +147,11 @@ def discover_units(model: nn.Module, config: UnitsConfig) -> UnitSet:
             f"units: no freezable unit found in {model_name} with include={config.include} "
             f"exclude={config.exclude}. Widen the include patterns.{frozen_hint}"
         )
+    if NORMS in config.always_train and config.granularity == "block":
+        raise ConfigError(
+            f"units.always_train: {NORMS!r} with granularity 'block' would train every whole block at "
+            f"every step (a block holds its norms); use granularity 'tensor' or 'module'."
+        )
     always_train = expand_head(model, config.always_train)
     _check_patterns("units.always_train", always_train, units, model_name, "unit", frozen=user_frozen)
     always = tuple(u for u in units if any(u.matches(p) for p in always_train))
@@ -160,6 +166,8 @@ def discover_units(model: nn.Module, config: UnitsConfig) -> UnitSet:
 
 #: The symbol ``always_train: [head]`` stands for the model's task head, whatever it is named.
 HEAD = "head"
+#: The symbol ``always_train: [norms]`` stands for every norm scale (LayerNorm, RMSNorm, ...).
+NORMS = "norms"
 
 
 def head_patterns(model: nn.Module) -> list[str]:
@@ -169,18 +177,41 @@ def head_patterns(model: nn.Module) -> list[str]:
     ``vit``, ``model``); the modules beside it with parameters are the head (``classifier``
     for BERT and ViT, ``score`` for GPT-2 and Llama, ``pre_classifier`` + ``classifier`` for
     DistilBERT). Any other module: its last top-level child with parameters. A PEFT model is
-    looked through: its head is the wrapped model's (``base_model.model.classifier.*``).
+    looked through: its head is the wrapped model's (``base_model.model.classifier.*``). A
+    language model's ``lm_head`` is its pretrained output embeddings, not a new head: ``head``
+    then names nothing (with a warning) and the LM head is scheduled like any other unit.
     """
     inner, path = _unwrap_peft(model)
     with_params = [name for name, child in inner.named_children() if any(True for _ in child.parameters())]
     prefix = getattr(inner, "base_model_prefix", "")
     heads = [n for n in with_params if n != prefix] if prefix in with_params else with_params[-1:]
+    lm_heads = [n for n in heads if _is_output_embeddings(inner, n)]
+    if lm_heads and len(lm_heads) == len(heads):
+        # A language model's head is its pretrained output embeddings (vocab x hidden, often the
+        # largest matrix): nothing new to train, so it is scheduled like any other unit.
+        warnings.warn(
+            f"units.always_train: {HEAD!r}: {type(model).__name__}'s head {lm_heads} is its pretrained "
+            f"output embeddings, not a new task head; it is scheduled like the other units. List "
+            f"'{path}{lm_heads[0]}.*' in always_train to train it at every step.",
+            stacklevel=3,
+        )
+        return []
+    heads = [n for n in heads if n not in lm_heads]
     if not heads:
         raise ConfigError(
             f"units.always_train: {HEAD!r} names the task head, but {type(model).__name__} has no "
             f"module beside its body; list the head's parameter patterns instead (e.g. 'classifier.*')."
         )
     return [f"{path}{name}.*" for name in heads]
+
+
+def _is_output_embeddings(model: nn.Module, child_name: str) -> bool:
+    get_output = getattr(model, "get_output_embeddings", None)
+    try:
+        output = get_output() if callable(get_output) else None
+    except (AttributeError, NotImplementedError):
+        return False
+    return output is not None and output is getattr(model, child_name, None)
 
 
 def _unwrap_peft(model: nn.Module) -> tuple[nn.Module, str]:
@@ -193,11 +224,34 @@ def _unwrap_peft(model: nn.Module) -> tuple[nn.Module, str]:
     return (inner, f"{path}.") if path is not None else (model, "")
 
 
+def norm_patterns(model: nn.Module) -> list[str]:
+    """The names of the model's norm scales: weights of modules whose class name says norm.
+
+    Training them every step is nearly free: a norm's weight gradient needs only the normalized
+    input, which backward through the (frozen or not) norm keeps anyway, and its optimizer state
+    is ``hidden`` numbers per layer.
+    """
+    owners = _owning_modules(model)
+    names = [name for name, param in model.named_parameters()
+             if len(full_shape(param)) == 1 and _is_weight_like(name, param, owners[name][1])]
+    if not names:
+        raise ConfigError(
+            f"units.always_train: {NORMS!r} names the norm scales, but {type(model).__name__} has no "
+            f"module whose class name contains 'norm'; list the parameter patterns instead."
+        )
+    return names
+
+
 def expand_head(model: nn.Module, patterns: list[str]) -> list[str]:
-    """``patterns`` with the symbol ``head`` replaced by the model's head patterns."""
+    """``patterns`` with the symbols ``head`` and ``norms`` replaced by the model's patterns."""
     expanded: list[str] = []
     for pattern in patterns:
-        expanded.extend(head_patterns(model) if pattern == HEAD else [pattern])
+        if pattern == HEAD:
+            expanded.extend(head_patterns(model))
+        elif pattern == NORMS:
+            expanded.extend(norm_patterns(model))
+        else:
+            expanded.append(pattern)
     return expanded
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+import pytest
+
 from slimfit_accel import UnitsConfig
 from slimfit_accel.hookspecs import ScheduleContext, UnitInfo
 from slimfit_accel.rng import derived_generator
@@ -144,3 +146,36 @@ def test_ils_age_exponent_spreads_updates_over_every_unit():
     # each waits about threshold / score steps: ~34 for the lowest score here, so trained again
     assert min(aged.values()) >= 2
     assert aged["0.weight"] > aged["2.weight"] > reference["2.weight"]  # still favours what moves most
+
+
+def budget_ctx(numels: list[int], scores: list[float]) -> ScheduleContext:
+    names = [f"{i}.weight" for i in range(len(numels))]
+    units = tuple(UnitInfo(name=n, index=i, block=None, numel=k) for i, (n, k) in enumerate(zip(names, numels)))
+    return ScheduleContext(step=0, units=units, scores=dict(zip(names, scores)), generator=derived_generator(0, 0), seed=0)
+
+
+def test_ils_parameter_budget_bounds_what_one_step_trains():
+    # 200 parameters, ratio 0.8: at most 40 train. Highest priority first; a unit that no longer
+    # fits is passed over for smaller ones (u6, 60, never fits; u0, 100, neither).
+    context = budget_ctx([100, 10, 10, 10, 5, 5, 60], [9, 8, 1, 7, 6, 0.5, 5])
+    with pytest.warns(UserWarning, match=r"2 unit\(s\) hold more than the step budget of 40 parameters"):
+        chosen = ILS(0.8, budget="parameters").select(context)
+    assert chosen == ["1.weight", "2.weight", "3.weight", "4.weight", "5.weight"]  # 40 exactly
+    # By units the same ratio freezes floor(0.8 * 7) = 5 units: the 2 highest train, whatever their size.
+    assert ILS(0.8).select(context) == ["0.weight", "1.weight"]
+
+
+def test_ils_parameter_budget_passes_over_a_unit_that_no_longer_fits():
+    # budget floor(0.5 * 65) = 32: u0 (10), u1 would make 40: passed over, u2 makes 30, u3 would make 35
+    context = budget_ctx([10, 30, 20, 5], [4, 3, 2, 1])
+    assert ILS(0.5, budget="parameters").select(context) == ["0.weight", "2.weight"]
+
+
+def test_ils_parameter_budget_smaller_than_every_unit_is_an_error():
+    with pytest.raises(ValueError, match="less than the smallest unit"):
+        ILS(0.99, budget="parameters").select(budget_ctx([16] * 5, [1, 2, 3, 4, 5]))
+
+
+def test_ils_parameter_budget_trains_every_fitting_unit_over_a_run():
+    _, controller = run(chain(7), {"name": "ils", "freeze_ratio": 0.7, "budget": "parameters"}, steps=12, seed=3)
+    assert min(controller.stats.trained_steps.values()) >= 1

@@ -9,40 +9,86 @@ the steps since it last trained, raised to ``age_exponent``:
 * ``age_exponent: 1``: a unit waits about (threshold / score) steps, so it trains at a rate
   proportional to its score and no unit is starved.
 
+``budget`` says what the freeze ratio counts:
+
+* ``units`` (the reference): floor(r * T) units are frozen, whatever their size. The memory one
+  step needs then depends on which units win: the word embeddings (a fifth of BERT-base, a
+  tenth of a Llama) and nine small matrices are "20% of units" as much as twenty norm scales.
+* ``parameters``: the units trained in a step hold at most (1 - r) of the schedulable parameters.
+  Units are taken in priority order and one that no longer fits is passed over for smaller ones,
+  so the gradients and resident optimizer state of a step are bounded by the ratio, which is
+  what makes its memory predictable. A unit larger than the whole budget never trains (a
+  warning names it once).
+
 Units never trained have huge random scores, so every unit trains once, in a seeded random
-order, before any trains twice.
+order, before any trains twice (under ``parameters``, every unit that fits the budget).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal
 
 from slimfit_accel.hookspecs import ScheduleContext, hookimpl
 
 
 @dataclass
 class ILS:
-    """Inter-layer scheduling (SlimFit). ``freeze_ratio`` in [0, 1): the share of units frozen;
-    ``age_exponent`` >= 0: how strongly waiting raises a unit's priority (0: the reference)."""
+    """Inter-layer scheduling (SlimFit). ``freeze_ratio`` in [0, 1): the share frozen, of units
+    or of parameters (``budget``); ``age_exponent`` >= 0: how strongly waiting raises a unit's
+    priority (0: the reference)."""
 
     freeze_ratio: float = 0.9
     age_exponent: float = 0.0
+    budget: Literal["units", "parameters"] = "units"
+    _warned: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.freeze_ratio < 1.0:
             raise ValueError(f"freeze_ratio must be in [0, 1), got {self.freeze_ratio}")
         if not 0.0 <= self.age_exponent <= 8.0:
             raise ValueError(f"age_exponent must be in [0, 8], got {self.age_exponent}")
+        if self.budget not in ("units", "parameters"):
+            raise ValueError(f"budget must be 'units' or 'parameters', got {self.budget!r}")
 
     def select(self, ctx: ScheduleContext) -> list[str]:
         names = [unit.name for unit in ctx.units]
-        n_frozen = math.floor(self.freeze_ratio * len(names) + 1e-9)
         priority = [self._priority(ctx, name) for name in names]
+        if self.budget == "parameters":
+            return self._within_budget(ctx, priority)
+        n_frozen = math.floor(self.freeze_ratio * len(names) + 1e-9)
         # Ascending priority; ties go to the unit defined first, so the choice is deterministic.
         lowest_first = sorted(range(len(names)), key=lambda i: (priority[i], i))
         frozen = set(lowest_first[:n_frozen])
         return [name for i, name in enumerate(names) if i not in frozen]
+
+    def _within_budget(self, ctx: ScheduleContext, priority: list[float]) -> list[str]:
+        """Highest priority first, each unit that still fits (1 - freeze_ratio) of the parameters."""
+        units = ctx.units
+        budget = math.floor((1.0 - self.freeze_ratio) * sum(u.numel for u in units) + 1e-6)
+        too_large = [u.name for u in units if u.numel > budget]
+        if len(too_large) == len(units):
+            raise ValueError(
+                f"freeze_ratio {self.freeze_ratio} with budget 'parameters' leaves {budget:,.0f} parameters a "
+                f"step, less than the smallest unit ({min(u.numel for u in units):,}); lower freeze_ratio"
+            )
+        if too_large and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"ils: {len(too_large)} unit(s) hold more than the step budget of {budget:,.0f} parameters "
+                f"(1 - freeze_ratio {self.freeze_ratio}) and never train: {too_large[:3]}"
+                f"{' ...' if len(too_large) > 3 else ''}. Lower freeze_ratio, or put them in "
+                f"units.exclude / units.always_train to say so.",
+                stacklevel=2,
+            )
+        chosen, used = set(), 0
+        for i in sorted(range(len(units)), key=lambda i: (-priority[i], i)):
+            if used + units[i].numel <= budget:
+                chosen.add(i)
+                used += units[i].numel
+        return [u.name for i, u in enumerate(units) if i in chosen]
 
     def _priority(self, ctx: ScheduleContext, name: str) -> float:
         score = ctx.scores[name]
