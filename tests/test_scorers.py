@@ -23,6 +23,16 @@ def test_weight_delta_is_mean_relative_change():
     assert torch.allclose(scorer.after_step([view], carried), torch.tensor([0.1875]))
 
 
+def test_weight_delta_absolute_is_mean_change():
+    weight = torch.tensor([1.0, -2.0, 0.0, 4.0])
+    view = UnitView(name="w", weights=[weight])
+    scorer = WeightDelta(relative=False)
+    carried = scorer.before_step([view])
+    weight.copy_(torch.tensor([1.5, -2.0, 0.3, 3.0]))
+    # .5 + 0 + .3 + 1 over 4 elements
+    assert torch.allclose(scorer.after_step([view], carried), torch.tensor([0.45]))
+
+
 def test_weight_delta_spans_every_tensor_of_a_unit():
     a, b = torch.tensor([2.0, 2.0]), torch.tensor([[1.0], [1.0]])
     view = UnitView(name="u", weights=[a, b])

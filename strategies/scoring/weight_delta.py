@@ -17,7 +17,12 @@ from slimfit_accel.hookspecs import UnitView, hookimpl
 
 @dataclass
 class WeightDelta:
-    """Relative weight change per element, averaged over the unit (SlimFit)."""
+    """Relative weight change per element, averaged over the unit (SlimFit).
+
+    ``relative: false`` scores the absolute change instead (mean |W_before - W_after|).
+    """
+
+    relative: bool = True
 
     def before_step(self, views: Sequence[UnitView]) -> list[list[torch.Tensor]]:
         return [[w.detach().clone() for w in view.weights] for view in views]
@@ -29,9 +34,10 @@ class WeightDelta:
             count = 0
             for after, old in zip(view.weights, snapshots):
                 change = (old - after).abs().float()
-                magnitude = old.abs().float()
-                ratio = torch.where(magnitude > 0, change / magnitude.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-                total = total + ratio.sum()
+                if self.relative:
+                    magnitude = old.abs().float()
+                    change = torch.where(magnitude > 0, change / magnitude.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+                total = total + change.sum()
                 count += old.numel()
             scores.append(total / max(count, 1))
         return torch.stack(scores)
