@@ -6,7 +6,8 @@ package: one block trained at a time, its Adam state only); GaLore (the ``galore
 package: low-rank projected Adam state, rank ``--galore-rank``); SlimFit freezing only; SlimFit
 freezing plus the default compression; ``slimfit_default``: the packaged default config
 (``slimfit_accel/configs/demo.yaml``, read when the arm runs, so it measures what users get);
-``slimfit_best``: that config with ``--freeze-ratio``, block checkpointing and optimizer paging;
+``slimfit_default_ratio``: that config with ``--freeze-ratio``; ``slimfit_best``: that config
+with ``--freeze-ratio``, block checkpointing and optimizer paging;
 on CUDA also activation offloading (saved tensors moved to pinned host memory, as torchtune and
 TRL do). Every arm gets a fresh model from the same seed and the same random token ids; bytes
 come from ``slimfit_accel.memory.MemoryMeter`` (exact tensor sizes), the figures of an arm are
@@ -50,7 +51,7 @@ from slimfit_accel import SlimFit  # noqa: E402
 from slimfit_accel.compression import CompressionEngine, CompressionPolicy, CompressorSpec  # noqa: E402
 from slimfit_accel.memory import MemoryMeter, format_bytes  # noqa: E402
 
-ARMS = ["full", "full_checkpointing", "lora", "lisa", "badam", "galore", "slimfit_freeze", "slimfit_compress", "slimfit_default", "slimfit_best"]
+ARMS = ["full", "full_checkpointing", "lora", "lisa", "badam", "galore", "slimfit_freeze", "slimfit_compress", "slimfit_default", "slimfit_default_ratio", "slimfit_best"]
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "slimfit_accel" / "configs" / "demo.yaml"
 CUDA_ARMS = ["full_offload"]
 
@@ -255,6 +256,15 @@ def arm_slimfit_default(args, device):
     return _slimfit_arm(args, device, DEFAULT_CONFIG)
 
 
+def arm_slimfit_default_ratio(args, device):
+    """The default config with ``--freeze-ratio``: the memory side of the freeze-ratio trade."""
+    import yaml
+
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config["scheduler"] = {**config.get("scheduler", {"name": "ils"}), "freeze_ratio": args.freeze_ratio}
+    return _slimfit_arm(args, device, config)
+
+
 def arm_slimfit_best(args, device):
     """The default config with ``--freeze-ratio``, every block checkpointed and optimizer paging."""
     import yaml
@@ -409,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--intermediate", type=int, default=3072)
     parser.add_argument("--vocab", type=int, default=30522)
-    parser.add_argument("--freeze-ratio", type=float, default=0.9, help="slimfit_freeze/compress/best (slimfit_default: its file's)")
+    parser.add_argument("--freeze-ratio", type=float, default=0.9, help="slimfit_freeze/compress/default_ratio/best (slimfit_default: its file's)")
     parser.add_argument("--galore-rank", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps per arm")
     parser.add_argument("--steps", type=int, default=2, help="measured steps per arm")
