@@ -201,5 +201,7 @@ def test_compare_other_arms_freeze_only_lisa_and_lora(assets, tmp_path):
     assert peak["freeze_only"]["activations"] == peak["freeze_only"]["activations_raw"]  # no compression
     assert arms["lisa"]["report"]["scheduler"] == "random_layers"
     assert arms["lora"]["adapters"] and arms["lora"]["report"] is None
-    assert peak["lora"]["optimizer"] < peak["freeze_only"]["optimizer"]  # Adam state for adapters and head only
+    # Adam state for adapters and head only (freeze_only pages the state of frozen units to host,
+    # so LISA, which keeps the state of every block it has trained, is the comparison here)
+    assert peak["lora"]["optimizer"] < peak["lisa"]["optimizer"]
     AutoModelForSequenceClassification.from_pretrained(out / "lora" / "final")  # adapters merged: a plain model
