@@ -98,3 +98,21 @@ def test_ddp_two_processes_paging_is_bit_identical_and_composes_with_checkpointi
         assert all(b > 0 for b in result["paged_bytes"][1:])
         assert result["reported_paged"] > 0 and result["resident_optimizer"][1] < result["resident_optimizer"][0]
         assert result["checkpointed_max_diff"] < 1e-5  # paging + block checkpointing under DDP
+
+
+@pytest.mark.slow
+def test_zero2_two_processes_paging_changes_nothing_and_pages_nothing(tmp_path):
+    # Under ZeRO the optimizer state is DeepSpeed's flat partitions (on host with
+    # offload_optimizer): paging steps aside with a warning, so results are bit-identical and no
+    # state is counted twice.
+    pytest.importorskip("deepspeed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKERS / "paging_worker.py"), "--out", str(tmp_path), "--zero2"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for rank in range(2):
+        result = json.loads((tmp_path / f"zero2_rank{rank}.json").read_text())
+        assert result["world"] == 2 and result["warned"]
+        assert result["weights_equal"] and result["state_equal"] and result["state_present"] > 0
+        assert result["reported_paged"] == 0
