@@ -25,9 +25,22 @@ from slimfit_accel import SlimFit, make_accelerator  # noqa: E402
 from slimfit_accel.paging import paged_bytes  # noqa: E402
 
 
+def run_steps(accelerator, model, optimizer, slimfit, micro_batches: int, on_step=None) -> list:
+    """The training loop of every variant; ``on_step()`` after each optimizer step, its answers returned."""
+    rank, seen = accelerator.process_index, []
+    for micro in range(micro_batches):
+        with accelerator.accumulate(model), slimfit.step():
+            loss = model(**random_batch(seed=1000 * rank + micro)).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if on_step is not None and accelerator.sync_gradients:
+            seen.append(on_step())
+    return seen
+
+
 def train(paging: bool, steps: int = 10, accum: int = 2, checkpointing: bool = False):
     accelerator = make_accelerator(gradient_accumulation_steps=accum)
-    rank = accelerator.process_index
     config = {"scheduler": {"name": "ils", "freeze_ratio": 0.8}, "optimizer_paging": paging, "compression": "none"}
     if checkpointing:
         config["checkpointing"] = {"blocks": "all"}
@@ -36,15 +49,7 @@ def train(paging: bool, steps: int = 10, accum: int = 2, checkpointing: bool = F
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     model, optimizer = accelerator.prepare(model, optimizer)
     slimfit.attach(accelerator, model, optimizer)
-    paged = []
-    for micro in range(steps * accum):
-        with accelerator.accumulate(model), slimfit.step():
-            loss = model(**random_batch(seed=1000 * rank + micro)).loss
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if accelerator.sync_gradients:
-            paged.append(paged_bytes(optimizer.optimizer))
+    paged = run_steps(accelerator, model, optimizer, slimfit, steps * accum, on_step=lambda: paged_bytes(optimizer.optimizer))
     inner = optimizer.optimizer
     weights = [p.detach().clone() for p in accelerator.unwrap_model(model).parameters()]
     report = slimfit.report().memory
@@ -80,13 +85,7 @@ def train_zero2(paging: bool, steps: int = 10, accum: int = 2):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         slimfit.attach(accelerator, model, optimizer)
-    rank = accelerator.process_index
-    for micro in range(steps * accum):
-        with accelerator.accumulate(model), slimfit.step():
-            loss = model(**random_batch(seed=1000 * rank + micro)).loss
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    run_steps(accelerator, model, optimizer, slimfit, steps * accum)
     named = list(model.module.named_parameters())
     weights = [safe_get_full_fp32_param(p).detach().clone() for _, p in named]
     state = [[safe_get_full_optimizer_state(p, key) for key in ("exp_avg", "exp_avg_sq")] for _, p in named]
