@@ -29,7 +29,7 @@ CONFIG_CASES = {
     "ratio_wrong_type": ("scheduler: {name: ils, freeze_ratio: lots}\n", r"freeze_ratio: Input should be a valid number.*got 'lots'"),
     "unknown_scheduler": ("scheduler: {name: ilz}\n", r"slimfit.yaml: scheduler.name: unknown scheduler 'ilz'. Known schedulers: ils, progressive, random_layers, static"),
     "unknown_scorer": ("scorer: {name: magic}\n", r"scorer.name: unknown scorer 'magic'. Known scorers: grad_norm, random, weight_delta"),
-    "unknown_option": ("scheduler: {name: ils, freeze_rate: 0.5}\n", r"unknown option\(s\) \['freeze_rate'\]; valid options: \['age_exponent', 'freeze_ratio'\]"),
+    "unknown_option": ("scheduler: {name: ils, freeze_rate: 0.5}\n", r"unknown option\(s\) \['freeze_rate'\]; valid options: \['age_exponent', 'budget', 'freeze_ratio'\]"),
     "yaml_syntax": ("scheduler: {name: ils, freeze_ratio: 0.9\nscorer: x\n", r"slimfit.yaml:\d+:\d+: YAML syntax error"),
     "typo_top_level": ("schedular: {name: ils}\n", r"schedular: unknown key"),
     "wrong_granularity": ("units: {granularity: layer}\n", r"units.granularity: Input should be 'tensor', 'module' or 'block'"),
