@@ -218,7 +218,7 @@ def worst_case_trained(slimfit: SlimFit, optimizer: torch.optim.Optimizer) -> tu
     if getattr(strategy, "budget", "units") == "parameters":
         # ILS with a parameter budget: what one step trains is bounded by the budget itself.
         size = slimfit.units.schedulable[0].params[0].element_size()
-        budget = int((1.0 - strategy.freeze_ratio) * sum(u.numel for u in slimfit.units.schedulable) + 1e-6)
+        budget = strategy.step_budget([u.numel for u in slimfit.units.schedulable])
         return state + 2 * budget * size, grads + budget * size
     picked = len(slimfit.controller.trainable)
     largest = sorted(slimfit.units.schedulable, key=lambda u: u.numel, reverse=True)[:picked]

@@ -152,7 +152,7 @@ def discover_units(model: nn.Module, config: UnitsConfig) -> UnitSet:
             f"units.always_train: {NORMS!r} with granularity 'block' would train every whole block at "
             f"every step (a block holds its norms); use granularity 'tensor' or 'module'."
         )
-    always_train = expand_head(model, config.always_train)
+    always_train = expand_symbols(model, config.always_train)
     _check_patterns("units.always_train", always_train, units, model_name, "unit", frozen=user_frozen)
     always = tuple(u for u in units if any(u.matches(p) for p in always_train))
     schedulable = tuple(u for u in units if u not in always)
@@ -242,7 +242,7 @@ def norm_patterns(model: nn.Module) -> list[str]:
     return names
 
 
-def expand_head(model: nn.Module, patterns: list[str]) -> list[str]:
+def expand_symbols(model: nn.Module, patterns: list[str]) -> list[str]:
     """``patterns`` with the symbols ``head`` and ``norms`` replaced by the model's patterns."""
     expanded: list[str] = []
     for pattern in patterns:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Sequence
 
 from slimfit_accel.hookspecs import ScheduleContext, hookimpl
 
@@ -64,10 +64,15 @@ class ILS:
         frozen = set(lowest_first[:n_frozen])
         return [name for i, name in enumerate(names) if i not in frozen]
 
+    def step_budget(self, numels: Sequence[int]) -> int:
+        """With ``budget: parameters``, the most parameters one step may train among units of
+        these sizes: (1 - freeze_ratio) of their total."""
+        return math.floor((1.0 - self.freeze_ratio) * sum(numels) + 1e-6)
+
     def _within_budget(self, ctx: ScheduleContext, priority: list[float]) -> list[str]:
         """Highest priority first, each unit that still fits (1 - freeze_ratio) of the parameters."""
         units = ctx.units
-        budget = math.floor((1.0 - self.freeze_ratio) * sum(u.numel for u in units) + 1e-6)
+        budget = self.step_budget([u.numel for u in units])
         too_large = [u.name for u in units if u.numel > budget]
         if len(too_large) == len(units):
             raise ValueError(
