@@ -256,21 +256,22 @@ def arm_slimfit_default(args, device):
     return _slimfit_arm(args, device, DEFAULT_CONFIG)
 
 
-def arm_slimfit_default_ratio(args, device):
-    """The default config with ``--freeze-ratio``: the memory side of the freeze-ratio trade."""
+def _default_config_at_ratio(args) -> dict:
     import yaml
 
     config = yaml.safe_load(DEFAULT_CONFIG.read_text())
     config["scheduler"] = {**config.get("scheduler", {"name": "ils"}), "freeze_ratio": args.freeze_ratio}
-    return _slimfit_arm(args, device, config)
+    return config
+
+
+def arm_slimfit_default_ratio(args, device):
+    """The default config with ``--freeze-ratio``: the memory side of the freeze-ratio trade."""
+    return _slimfit_arm(args, device, _default_config_at_ratio(args))
 
 
 def arm_slimfit_best(args, device):
     """The default config with ``--freeze-ratio``, every block checkpointed and optimizer paging."""
-    import yaml
-
-    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    config["scheduler"] = {**config.get("scheduler", {"name": "ils"}), "freeze_ratio": args.freeze_ratio}
+    config = _default_config_at_ratio(args)
     config.update(checkpointing={"blocks": "all"}, optimizer_paging=True, compression="slimfit")
     return _slimfit_arm(args, device, config)
 
