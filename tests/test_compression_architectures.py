@@ -20,8 +20,9 @@ FACTORIES = installed_compressor_factories()
 SEEDS = (0, 1, 2)
 VOCAB, BATCH, LENGTH = 128, 4, 32
 # stored/raw bytes with 90% frozen, mean of the draws, is at least this (measured: BERT 5.6, GPT-2 6.0,
-# Llama 4.2, Mistral 4.3, Qwen2 4.3, GPT-NeoX 4.5, T5 7.2, ViT 4.6; before the rules for RMSNorm,
-# SiLU, ReLU, gated MLPs, log-softmax and the int8 default: Llama 1.2, T5 2.2)
+# Llama 3.9, Mistral 4.0, Qwen2 3.9, GPT-NeoX 4.5, T5 7.2, ViT 4.6; before the rules for RMSNorm,
+# SiLU, ReLU, gated MLPs, log-softmax and the int8 default: Llama 1.2, T5 2.2). The gated-MLP swap
+# lowered the decoders' ratio from 4.2 while storing less: raw no longer counts act(g).
 MIN_RATIO = {"bert": 5.0, "gpt2": 5.0, "llama": 3.8, "mistral": 3.8, "qwen2": 3.8, "gpt_neox": 4.0, "t5": 6.0, "vit": 4.0}
 ARCHITECTURES = tuple(MIN_RATIO)
 

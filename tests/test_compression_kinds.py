@@ -1,4 +1,4 @@
-"""What a module computes (kinds), the RMSNorm swap, and the exact ReLU sign rule."""
+"""What a module computes (kinds), the RMSNorm and gated-MLP swaps, and the exact ReLU sign rule."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from slimfit_accel.compression import CompressionPolicy, Rule, compressed_activations, installed_compressor_factories
+from slimfit_accel.compression.gated_mlp import swap_gated_mlps
 from slimfit_accel.compression.kinds import module_kinds
 from slimfit_accel.compression.rmsnorm import is_rmsnorm, swap_rmsnorms
 
@@ -72,6 +73,78 @@ def test_rmsnorm_swap_is_exact(trainable):
         torch.testing.assert_close(norm.weight.grad, gw, rtol=1e-5, atol=1e-6)
     restore()
     assert "forward" not in norm.__dict__
+
+
+class UpFirst(nn.Module):  # a gated MLP whose children are named the other way round
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.act = nn.Linear(8, 24), nn.Linear(8, 24), nn.Linear(24, 8), nn.GELU()
+
+    def forward(self, x):
+        return self.c(self.b(x) * self.act(self.a(x)))
+
+
+def test_gated_mlps_are_told_by_what_they_compute():
+    from test_compression_architectures import build
+
+    for arch in ("llama", "mistral", "qwen2"):
+        model = build(arch)
+        swapped, restore = swap_gated_mlps(model)
+        assert len(swapped) == 2 and all(m._slimfit_gated == ("gate_proj", "up_proj", "down_proj", "act_fn") for m in swapped), arch
+        restore()
+        assert not any("forward" in m.__dict__ for m in model.modules())
+    odd = UpFirst()
+    assert swap_gated_mlps(odd)[0] == [odd] and odd._slimfit_gated == ("a", "b", "c", "act")
+    # not gated (GPT-2, BERT), or with dropout inside (T5's gated-GELU): their own forward stays
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=4, vocab_size=32,
+        feed_forward_proj="gated-gelu", decoder_start_token_id=0))
+    for model in (build("gpt2"), build("bert"), t5):
+        assert swap_gated_mlps(model)[0] == []
+
+
+@pytest.mark.parametrize("projections_trainable", [True, False])
+def test_gated_mlp_swap_is_exact(projections_trainable):
+    from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=2, num_key_value_heads=2, hidden_act="silu"))
+    for name in ("gate_proj", "up_proj"):
+        getattr(mlp, name).weight.requires_grad_(projections_trainable)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    g = torch.randn(3, 5, 16)
+    native = mlp(x)
+    native.backward(g)
+    want = {n: p.grad.clone() for n, p in mlp.named_parameters() if p.grad is not None}
+    gx = x.grad.clone()
+    mlp.zero_grad(set_to_none=True)
+    x.grad = None
+    swapped, restore = swap_gated_mlps(mlp)
+    assert swapped == [mlp]
+    out = mlp(x)
+    torch.testing.assert_close(out, native, rtol=0, atol=0)  # the same forward arithmetic
+    out.backward(g)
+    torch.testing.assert_close(x.grad, gx, rtol=1e-5, atol=1e-6)
+    got = {n: p.grad for n, p in mlp.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and len(got) == (3 if projections_trainable else 1)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+    restore()
+
+
+def test_gated_mlp_keeps_two_wide_tensors_instead_of_three():
+    from test_compression_architectures import batch, build
+
+    model = build("llama")
+    exact = CompressionPolicy()  # compresses nothing: raw bytes only
+    with compressed_activations(model, exact, compressors=FACTORIES, swap_layernorm=False) as engine:
+        model(**batch("llama")).loss.backward()
+    native = engine.stats.raw_bytes
+    with compressed_activations(model, exact, compressors=FACTORIES) as engine:
+        model(**batch("llama")).loss.backward()
+    # per layer: g, act(g), u (4 x 32 x 176 floats each) -> g, u; the norm swaps save less too
+    wide = 4 * 32 * 176 * 4
+    assert native - engine.stats.raw_bytes >= 2 * wide
 
 
 def test_relu_sign_bits_give_exact_gradients():

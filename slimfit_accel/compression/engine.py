@@ -36,6 +36,7 @@ from ..errors import ConfigError, PluginError
 from ..hookspecs import Compressor, SavedTensorContext
 from .accounting import ByteCounter, StepStats, packed_bytes, tensor_bytes
 from .context import ModuleContext, _storage_ptr
+from .gated_mlp import swap_gated_mlps
 from .kinds import module_kinds
 from .layernorm import swap_layernorms
 from .rmsnorm import swap_rmsnorms
@@ -79,7 +80,9 @@ class CompressionEngine:
     ``compressors`` maps compressor names to factories (``factory(**options) -> Compressor``);
     by default the installed ``slimfit_accel`` plugins provide them. ``swap_layernorm`` routes
     stock ``nn.LayerNorm`` and every RMSNorm (told by what it computes) through exact autograd
-    functions that save the normalized output (what SlimFit compresses) instead of the input.
+    functions that save the normalized output (what SlimFit compresses) instead of the input,
+    and every gated MLP through one that saves its two projections' outputs only
+    (``gated_mlp.py``).
 
     Example::
 
@@ -139,10 +142,12 @@ class CompressionEngine:
         if self.swap_layernorm and self._restore_layernorms is None:
             restore_layernorms = swap_layernorms(self.model)
             norms, restore_rmsnorms = swap_rmsnorms(self.model)
+            _, restore_gated_mlps = swap_gated_mlps(self.model)
 
             def restore() -> None:
                 restore_layernorms()
                 restore_rmsnorms()
+                restore_gated_mlps()
 
             self._restore_layernorms = restore
         self._context.attach(module_kinds(self.model, frozenset(map(id, norms))))

@@ -1,0 +1,108 @@
+"""Gated MLP that saves its two projections' outputs only: ``down(act(gate(x)) * up(x))``.
+
+Llama-, Mistral-, Qwen- and Gemma-style feed-forward blocks compute ``act(g) * u``. Autograd
+then keeps three tensors of the wide width: ``g`` (for the activation's backward), ``act(g)``
+(for ``u``'s gradient) and ``u`` (for ``act(g)``'s gradient). The engine swaps in an exact
+autograd function that keeps only ``g`` and ``u`` and recomputes ``act(g)`` (elementwise,
+cheap) in backward: a third less to store, and the activation's derivative is read from ``g``
+at the precision the policy gives the block (int8 by default) rather than from the int4 copy
+its activation module would keep.
+
+A module is swapped because of what it computes, not its class name: its children are exactly
+three projections (two-dimensional weights) and one parameterless activation, and on a probe
+input its own forward equals ``down(act(gate(x)) * up(x))`` for one assignment of the
+projections. Anything else (dropout inside, a fused gate-up projection, no data to probe with
+under ZeRO-3) keeps its own forward.
+"""
+
+from __future__ import annotations
+
+from itertools import permutations
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .kinds import _activation_kind, _is_projection
+
+
+class GatedProduct(torch.autograd.Function):
+    """``act(gate) * up`` whose backward reads ``gate`` and ``up`` and recomputes ``act(gate)``."""
+
+    @staticmethod
+    def forward(ctx, gate, up, act):  # type: ignore[override]
+        activated = act(gate)
+        ctx.act = act
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            ctx.save_for_backward(gate, up)
+        return activated * up
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        gate, up = ctx.saved_tensors
+        # The recomputation is a private graph: its own saved tensors are kept as they are.
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            gate = gate.detach().requires_grad_(ctx.needs_input_grad[0])
+            activated = ctx.act(gate)
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[1]:
+            grad_up = grad_out * activated.detach()
+        if ctx.needs_input_grad[0]:
+            (grad_gate,) = torch.autograd.grad(activated, gate, grad_out * up)
+        return grad_gate, grad_up, None
+
+
+def _assignment(module: nn.Module) -> tuple[str, str, str, str] | None:
+    """(gate, up, down, act) child names for which ``module`` computes a gated MLP, or None."""
+    children = dict(module.named_children())
+    acts = [name for name, child in children.items() if _activation_kind(child)]
+    projections = [name for name, child in children.items() if _is_projection(child)]
+    if len(children) != 4 or len(acts) != 1 or len(projections) != 3 or any(True for _ in module.parameters(recurse=False)):
+        return None
+    weights = {name: children[name].weight for name in projections}
+    if any(w.numel() == 0 or w.device.type == "meta" for w in weights.values()):
+        return None  # no data to probe with (ZeRO-3 partition)
+    act = children[acts[0]]
+    for gate, up, down in permutations(projections):
+        wg, wu, wd = weights[gate], weights[up], weights[down]
+        if not (wg.shape == wu.shape and wd.shape[1] == wg.shape[0] and wd.shape[0] == wg.shape[1]):
+            continue
+        try:
+            with torch.no_grad():
+                generator = torch.Generator().manual_seed(0)
+                x = torch.randn(3, wg.shape[1], generator=generator).to(wg.device, wg.dtype)
+                got = type(module).forward(module, x)
+                want = children[down](act(children[gate](x)) * children[up](x))
+            if isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=1e-4, atol=1e-5):
+                return gate, up, down, acts[0]
+        except Exception:  # a forward that needs other arguments is not a plain gated MLP
+            return None
+    return None
+
+
+def _forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    gate, up, down, act = module._slimfit_gated
+    children = module._modules
+    return children[down](GatedProduct.apply(children[gate](x), children[up](x), children[act].forward))
+
+
+def swap_gated_mlps(model: nn.Module) -> tuple[list[nn.Module], Callable[[], None]]:
+    """Route every gated MLP in ``model`` (see the module docstring) through
+    :class:`GatedProduct`. Modules whose ``forward`` is already patched on the instance are left
+    alone. Returns the swapped modules and a function that undoes the swap."""
+    swapped = []
+    for module in model.modules():
+        if "forward" in module.__dict__:
+            continue
+        assignment = _assignment(module)
+        if assignment is not None:
+            module._slimfit_gated = assignment
+            module.forward = _forward.__get__(module)
+            swapped.append(module)
+
+    def restore() -> None:
+        for module in swapped:
+            module.__dict__.pop("forward", None)
+            module.__dict__.pop("_slimfit_gated", None)
+
+    return swapped, restore
