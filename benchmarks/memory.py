@@ -116,12 +116,9 @@ class HostOffload:
 # ------------------------------------------------------------------------------------- arms
 # Each returns (model, optimizer, meter, step context factory, cleanup, whether the step
 # context already runs the meter: SlimFit's step() enters its own meter, ``slimfit.memory``).
-# Arms whose Adam state grows as more units get trained (LISA, SlimFit without paging) are in
-# GROWING_STATE: their steady state is computed for every parameter in the optimizer.
-# An arm that pages the state of frozen units to host (``optimizer_paging``; seen as paged bytes
-# in its measured steps) holds on the device the resident state measured (that of the units
-# trained in a step); the rest is on host.
-GROWING_STATE = {"lisa", "slimfit_freeze", "slimfit_compress", "slimfit_default", "slimfit_best"}
+# Arms built on SlimFit (LISA-style included) start from the steady state: AdamW state for every
+# parameter exists before the first step (``prime_optimizer_state``), as it does once every unit
+# has trained, so what is measured is what the arm holds then (paged to host or resident).
 
 
 def attention_projections(args) -> list[str]:
@@ -205,27 +202,37 @@ def arm_galore(args, device):
 SLIMFIT_OF: dict[int, SlimFit] = {}
 
 
-def worst_case_trained(slimfit: SlimFit, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
-    """(AdamW state bytes, gradient bytes) of the largest set of parameters one step can train:
-    everything in the optimizer that is not a schedulable unit, plus the largest units as many as
-    the scheduler picks per step (the word embeddings, say, can be one of them), or, for ILS with
-    ``budget: parameters``, the budget."""
+def prime_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer state of every parameter, as once every unit has trained: one step
+    with zero gradients (AdamW moves the weights by weight decay only)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for param in params:
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def worst_case_step(slimfit: SlimFit, optimizer: torch.optim.Optimizer, device: torch.device) -> tuple[int, int]:
+    """(gradient bytes, device-resident state bytes) that one step may hold at most under paging,
+    whatever units the measured steps happened to draw: the gradients of everything in the
+    optimizer that is not a schedulable unit plus the step's budget (the largest units, as many
+    as the scheduler picks, or for ILS with ``budget: parameters`` the budget itself); the state
+    of the largest chunk paging streams through the step (two on CUDA, which prefetches)."""
     scheduled = {id(p) for u in slimfit.units.schedulable for p in u.params}
-    params = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in scheduled]
-    state = sum(2 * p.numel() * p.element_size() + 4 for p in params)
-    grads = sum(p.numel() * p.element_size() for p in params)
+    grads = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"] if id(p) not in scheduled)
     strategy = slimfit.controller.scheduler.strategy
     if getattr(strategy, "budget", "units") == "parameters":
-        # ILS with a parameter budget: what one step trains is bounded by the budget itself.
         size = slimfit.units.schedulable[0].params[0].element_size()
-        budget = strategy.step_budget([u.numel for u in slimfit.units.schedulable])
-        return state + 2 * budget * size, grads + budget * size
-    picked = len(slimfit.controller.trainable)
-    largest = sorted(slimfit.units.schedulable, key=lambda u: u.numel, reverse=True)[:picked]
-    largest_params = [p for u in largest for p in u.params]
-    state += sum(2 * p.numel() * p.element_size() + 4 for p in largest_params)
-    grads += sum(p.numel() * p.element_size() for p in largest_params)
-    return state, grads
+        grads += strategy.step_budget([u.numel for u in slimfit.units.schedulable]) * size
+    else:
+        picked = len(slimfit.controller.trainable)
+        largest = sorted(slimfit.units.schedulable, key=lambda u: u.numel, reverse=True)[:picked]
+        grads += sum(p.numel() * p.element_size() for u in largest for p in u.params)
+    paging = slimfit.controller.backend.paging
+    largest_param = max(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
+    chunk = min(max(paging.chunk_bytes, largest_param), grads)  # a chunk holds no more than the step trains
+    chunk_state = 2 * chunk + 64  # two moments (+ step counts)
+    return grads, chunk_state * (2 if device.type == "cuda" else 1)
 
 
 def _slimfit_arm(args, device, config):
@@ -233,6 +240,7 @@ def _slimfit_arm(args, device, config):
     slimfit = SlimFit.from_config(config)
     model = slimfit.prepare_model(model)
     optimizer = adamw(model.parameters())
+    prime_optimizer_state(optimizer)
     slimfit.attach(None, model, optimizer)
     SLIMFIT_OF[id(slimfit.memory)] = slimfit
     # slimfit.step() runs slimfit.memory (without compression it counts what autograd saves)
@@ -288,12 +296,6 @@ ARM_BUILDERS: dict[str, Callable] = {name: globals()[f"arm_{name}"] for name in 
 
 
 # ------------------------------------------------------------------------------------- running
-def full_adamw_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """AdamW state once every parameter in it has been stepped: two moments + a 4-byte step each."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    return sum(2 * p.numel() * p.element_size() + 4 for p in params)
-
-
 def run_arm(name: str, args: argparse.Namespace, batch_size: int, device: torch.device) -> dict[str, Any]:
     model, optimizer, meter, step_ctx, cleanup, metered = ARM_BUILDERS[name](args, device)
     batch = make_batch(args, batch_size, device)
@@ -320,23 +322,21 @@ def run_arm(name: str, args: argparse.Namespace, batch_size: int, device: torch.
         print(f"  {name} batch {batch_size} step {index}: {elapsed:.1f} s, total {format_bytes(meter.last.total)}", flush=True)
     peak = {key: max(getattr(m, key) for m in measured) for key in ("params", "grads", "optimizer", "activations", "activations_raw", "total", "optimizer_paged")}
     cuda_peaks = [m.peak_cuda for m in measured if m.peak_cuda is not None]
-    # Steady state: the optimizer state the arm holds on the device once training has gone on
-    # long enough. Growing arms: AdamW state for every parameter in the optimizer. Paging:
-    # what is resident (the rest, up to AdamW state for everything, is on host). Others (full,
-    # LoRA, BAdam, GaLore): what was measured, already all they ever hold.
+    # Steady state: every arm's optimizer state is measured as it is once training has gone on
+    # (SlimFit arms start primed; the others hold all they ever hold after the warm-up step).
+    # Under paging the state of the trained units is on the device only while the step streams
+    # it; the measured steps may have drawn small units, so the step is also bounded by the
+    # largest it can be (``worst_case_step``), and the gradient shortfall is added to the peak.
+    slimfit = SLIMFIT_OF.pop(id(meter), None)
+    paging = slimfit.controller.backend.paging if slimfit is not None else None
     grads_extra = 0
-    if peak["optimizer_paged"]:
-        # Device-resident: the state of the largest set one step may train (measured steps may
-        # have drawn smaller units); gradients likewise.
-        slimfit = SLIMFIT_OF.pop(id(meter), None)
-        full_state, worst_grads = worst_case_trained(slimfit, optimizer) if slimfit is not None else (peak["optimizer"], 0)
-        full_state = max(full_state, peak["optimizer"])
+    steady_total = peak["total"]
+    if paging is not None:
+        worst_grads, worst_chunk = worst_case_step(slimfit, optimizer, device)
         grads_extra = max(0, worst_grads - peak["grads"])
-        paged_state = max(full_adamw_state_bytes(optimizer) - full_state, 0)
-    elif name in GROWING_STATE:
-        full_state, paged_state = full_adamw_state_bytes(optimizer), 0
-    else:
-        full_state, paged_state = peak["optimizer"], 0
+        step_bound = peak["params"] + worst_grads + worst_chunk
+        steady_total = max(peak["total"] + grads_extra, step_bound)
+    full_state = peak["optimizer"] + peak["optimizer_paged"]
     result = {
         "name": name,
         "batch": batch_size,
@@ -350,12 +350,11 @@ def run_arm(name: str, args: argparse.Namespace, batch_size: int, device: torch.
         # Few steps understate the optimizer state of arms that train a subset per step (it grows
         # as more units are trained and is never released): the figure once all are stepped.
         "optimizer_full_state_bytes": full_state,
-        "total_full_state_bytes": peak["total"] - peak["optimizer"] + full_state + grads_extra,
         "optimizer_paged_bytes": peak["optimizer_paged"],
         "steady_state": {
-            "optimizer_device_bytes": full_state,
-            "optimizer_host_bytes": paged_state,
-            "total_bytes": peak["total"] - peak["optimizer"] + full_state + grads_extra,
+            "optimizer_device_bytes": peak["optimizer"],  # peak resident (under paging: in the step)
+            "optimizer_host_bytes": peak["optimizer_paged"],
+            "total_bytes": steady_total,
             "gradients_worst_case_extra_bytes": grads_extra,
         },
         "by_compressor": meter.summary().by_compressor,

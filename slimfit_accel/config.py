@@ -70,10 +70,11 @@ class SlimFitConfig(BaseModel):
     table with scaled int8/int4 formats, the default), ``reference`` (the reference's
     fixed-point formats), ``none`` (off), or a policy mapping (``rules``, ``default``).
 
-    ``optimizer_paging``: keep the optimizer state of units frozen in a step in host memory
-    (pinned on CUDA), prefetched before they train again; results are bit-identical. For torch
-    optimizers on one device or DDP; a no-op (with a warning) under DeepSpeed ZeRO, whose
-    ``offload_optimizer`` keeps the state on host instead.
+    ``optimizer_paging``: keep the optimizer state in host memory (pinned on CUDA) and stream
+    the trained units' state through the optimizer step, chunk by chunk, releasing each chunk's
+    gradients as it goes; results are bit-identical. For torch optimizers on one device or
+    DDP; a no-op (with a warning) under DeepSpeed ZeRO, whose ``offload_optimizer`` keeps the
+    state on host instead.
 
     ``checkpointing``: frozen-aware activation checkpointing of transformer blocks (see
     ``CheckpointingConfig``); off when absent.

@@ -177,11 +177,14 @@ class FreezeController:
     def _before_optimizer_step(self) -> None:
         self._scale_lr()
         units = [self._by_name[name] for name in self.trainable]
-        self._views = self.backend.views([(u.name, u.params) for u in units])
+        views = self.backend.views([(u.name, u.params) for u in units])
         try:
-            self._carried = self.scorer.strategy.before_step(self._views)
+            self._carried = self.scorer.strategy.before_step(views)
         except Exception as err:
             raise PluginError(self.scorer.registration.plugin, f"{self.scorer.label} raised in before_step: {type(err).__name__}: {err}") from err
+        # Gradients are for before_step only: holding them would keep them alive through a
+        # step that releases them as it goes (optimizer paging).
+        self._views = [UnitView(name=v.name, weights=v.weights) for v in views]
         self.last_snapshot_bytes = tensor_bytes(self._carried)
 
     def _after_optimizer_step(self) -> None:

@@ -13,7 +13,8 @@ so it means the same on CPU, CUDA or anything else:
   flat fp32 partitions). Accepts a torch optimizer, Accelerate's ``AcceleratedOptimizer`` and a
   DeepSpeed ZeRO optimizer (anything with ``.optimizer`` down to a torch optimizer). State paged
   to host memory by ``optimizer_paging`` (``paging.py``) is not in it but in ``optimizer_paged``
-  (not part of ``total``: it is off the accelerator; on CPU, what would be).
+  (not part of ``total``: it is off the accelerator; on CPU, what would be); the state paging
+  streams through the step is counted while it is resident (``optimizer_resident_changed``).
 - ``activations``: tensors autograd saves for backward, from a ``CompressionEngine``'s byte
   counters: ``activations_raw`` is what autograd would keep, ``activations`` what is kept (after
   compression). Without an engine of its own to read, the meter installs one that compresses
@@ -444,6 +445,14 @@ class MemoryMeter:
         total = self._params + self._optimizer + grads + live_packed
         if total > current.total:
             current.total = total
+
+    def optimizer_resident_changed(self, delta: int) -> None:
+        """Optimizer state moved onto (+) or off (-) the device mid-step (``OptimizerPaging``
+        tells the meter through its ``listeners``)."""
+        self._optimizer += delta
+        if self._current is not None:
+            self._current.optimizer = max(self._current.optimizer, self._optimizer)
+        self._update()
 
     def _optimizer_step_start(self, inner: torch.optim.Optimizer) -> None:
         # Gradients of stepped copies that are not model parameters (DeepSpeed's fp32

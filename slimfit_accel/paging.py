@@ -1,40 +1,56 @@
-"""Optimizer state only where training happens: frozen units' state is paged to host memory.
+"""Optimizer state only where training happens: on the device only while its chunk is stepped.
 
-A unit frozen in a step has no gradient, so a torch optimizer neither reads nor writes its
-state (Adam moments, momentum buffers) in that step. ``OptimizerPaging`` moves that state off
-the accelerator when the freeze decision is taken and brings it back before the unit trains
-again. Each decision, before the forward pass:
+A torch optimizer reads and writes a parameter's state (Adam moments, momentum buffers) only
+inside ``optimizer.step()``, and only for parameters that have a gradient. ``OptimizerPaging``
+keeps every parameter's state in host memory (pinned on CUDA) and streams it through the
+device during the step:
 
-- state of parameters frozen now and resident is copied out to host memory (pinned on CUDA);
-- state of parameters trained now and paged is copied back, on a side stream on CUDA, so the
-  transfer overlaps forward and backward; the optimizer step waits for it (``ready()``).
+- between steps nothing is resident: forward and backward run with no optimizer state on the
+  device (``evict()`` pages out whatever appeared there, e.g. state loaded by ``load_state``);
+- in the step (``stream_step``, called from the optimizer's step pre-hook) the parameters that
+  have a gradient are updated chunk by chunk, smallest first (small parameters grouped up to
+  ``chunk_bytes``, a large one alone): the chunk's state is copied in, the optimizer's own
+  update runs on that chunk only, the state is copied back out and the chunk's gradients are
+  released, as ``zero_grad(set_to_none=True)`` would release them right after the step. The
+  largest gradients are stepped last, when fewest gradients are still alive. On CUDA the next
+  chunk's state is copied in on a side stream while the current one is updated.
 
-Copies are exact, so training is bit-identical to keeping everything resident. On CPU the same
-steps run (host and device are the same memory, the copies are real); the memory meter then
-reports what would stay device-resident (``optimizer``) apart from what is paged
-(``optimizer_paged``): paged state tensors are tagged (``is_paged``).
+So during a step the device holds the gradients not yet stepped plus one chunk's state (two on
+CUDA, with the prefetch), instead of the state of everything trained. Copies are exact and each
+parameter's update is the optimizer's own arithmetic on that parameter, so training is
+bit-identical to keeping the state resident. On CPU the same steps run (the copies are real);
+the memory meter then reports what would be device-resident (``optimizer``, told of every move
+through ``listeners``) apart from what is paged (``optimizer_paged``): paged state tensors are
+tagged (``is_paged``).
+
+Requirements: the optimizer updates each parameter from its own gradient and state, which
+holds for every ``torch.optim`` optimizer but LBFGS. A step given a closure (which computes the
+gradients inside the step) is not streamed: the state of every parameter is brought in for it
+and paged out after. After a streamed step the trained parameters' ``.grad`` is None.
 
 Applies to ``torch.optim`` optimizers, one device or DDP (each rank pages its own state).
-Under DeepSpeed ZeRO the state lives in flat partitions that cannot be split by unit: there
-``optimizer_paging`` is a no-op (SlimFit warns once at attach, nothing is copied, so nothing is
-duplicated); DeepSpeed's ``offload_optimizer`` keeps that state on host instead.
+Under DeepSpeed ZeRO the state lives in flat partitions that cannot be split by parameter:
+there ``optimizer_paging`` is a no-op (SlimFit warns once at attach, nothing is copied, so
+nothing is duplicated); DeepSpeed's ``offload_optimizer`` keeps that state on host instead.
 
 Example::
 
     paging = OptimizerPaging(optimizer)
-    paging.plan(frozen_params)      # when the step's decision is known, before forward
-    ...                             # forward, backward
-    paging.ready()                  # just before optimizer.step()
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: paging.stream_step(args, kwargs))
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: paging.evict())
 """
 
 from __future__ import annotations
 
-from typing import Collection
+from typing import Callable, Iterable
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 _PAGED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+#: Small parameters are stepped together up to this many bytes of parameters (fewer launches).
+DEFAULT_CHUNK_BYTES = 32 * 2**20
 
 
 def is_paged(tensor: torch.Tensor) -> bool:
@@ -42,48 +58,124 @@ def is_paged(tensor: torch.Tensor) -> bool:
     return tensor in _PAGED
 
 
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 class OptimizerPaging:
-    """Keeps the optimizer state of frozen parameters in host memory; see the module docstring.
+    """Keeps an optimizer's state in host memory and streams it through the step; see the
+    module docstring.
 
     ``pin``: pin host copies (default: when the parameters are on CUDA), so copies can be
-    asynchronous.
+    asynchronous. ``chunk_bytes``: parameters stepped together, in bytes of parameters.
+    ``listeners`` are called with the change in device-resident state bytes after every move
+    (the memory meter follows the state this way).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, pin: bool | None = None):
+    def __init__(self, optimizer: torch.optim.Optimizer, pin: bool | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         self.optimizer = optimizer
         self.pin = pin
+        self.chunk_bytes = chunk_bytes
+        self.listeners: list[Callable[[int], None]] = []
         self._stream = None
-        self._event = None
         self.paged_out = 0  # tensors copied out so far (for tests and reports)
         self.paged_in = 0
+        self.chunks_stepped = 0
 
-    # ---------------------------------------------------------------- the two calls
-    def plan(self, frozen: Collection[torch.nn.Parameter]) -> None:
-        """Page out the state of ``frozen`` parameters, prefetch the state of every other one."""
-        frozen_ids = {id(p) for p in frozen}
-        for group in self.optimizer.param_groups:
-            for param in group["params"]:
-                state = self.optimizer.state.get(param)
-                if not state:
-                    continue  # no state yet: created on the device at its first step
-                if id(param) in frozen_ids:
-                    self._page_out(param, state)
-                else:
-                    self._page_in(param, state)
-        if self._stream is not None:
-            self._event = torch.cuda.Event()
-            self._event.record(self._stream)
+    # ---------------------------------------------------------------- the calls
+    def evict(self) -> None:
+        """Page out every resident state tensor (before forward; after a step with a closure)."""
+        moved = sum(self._page_out(p) for p in self._params())
+        self._announce(-moved)
 
-    def ready(self) -> None:
-        """Make the optimizer's stream wait for the prefetches (call before the step)."""
-        if self._event is not None:
-            torch.cuda.current_stream().wait_event(self._event)
-            self._event = None
+    def stream_step(self, args: tuple = (), kwargs: dict | None = None) -> None:
+        """Run the optimizer's update chunk by chunk, paging each chunk's state in and out, and
+        release each chunk's gradients. Call it from a step pre-hook with the hook's ``args`` and
+        ``kwargs``: the step itself then finds no gradient left and changes nothing."""
+        kwargs = kwargs or {}
+        update = getattr(type(self.optimizer).step, "__wrapped__", None)  # the step without its hooks
+        args = args[1:] if args and args[0] is self.optimizer else args  # a step hook's args start with it
+        closure = kwargs.get("closure", args[0] if args else None)
+        if closure is not None or update is None:
+            self._bring_all_in()
+            return
+        chunks = self._chunks([p for p in self._params() if p.grad is not None])
+        groups = self.optimizer.param_groups
+        group_params = [group["params"] for group in groups]
+        group_of = {id(p): i for i, params in enumerate(group_params) for p in params}
+        prefetch = self._side_stream(chunks[0][0].device) is not None if chunks else False
+        event = self._bring_in(chunks[0]) if chunks else None
+        try:
+            for index, chunk in enumerate(chunks):
+                if event is not None:
+                    torch.cuda.current_stream().wait_event(event)
+                next_event = self._bring_in(chunks[index + 1]) if prefetch and index + 1 < len(chunks) else None
+                for group in groups:
+                    group["params"] = []
+                for param in chunk:
+                    groups[group_of[id(param)]]["params"].append(param)
+                before = self._resident_bytes(chunk)
+                update(self.optimizer, *args, **kwargs)
+                self._announce(self._resident_bytes(chunk) - before)  # state created by the update
+                self._announce(-sum(self._page_out(p) for p in chunk))
+                for param in chunk:
+                    param.grad = None
+                self.chunks_stepped += 1
+                event = next_event if prefetch else (self._bring_in(chunks[index + 1]) if index + 1 < len(chunks) else None)
+        finally:
+            for group, params in zip(groups, group_params):
+                group["params"] = params
 
     def resident_all(self) -> None:
-        """Bring every paged tensor back (e.g. before saving or when detaching)."""
-        self.plan(())
-        self.ready()
+        """Bring every paged tensor back (when detaching: the optimizer is plain again)."""
+        self._bring_all_in()
+        if self._stream is not None:
+            torch.cuda.current_stream().wait_stream(self._stream)
+
+    # ---------------------------------------------------------------- chunks
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _chunks(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Smallest first; consecutive parameters together while under ``chunk_bytes``."""
+        chunks: list[list[torch.Tensor]] = []
+        size = 0
+        for param in sorted(params, key=_nbytes):
+            if chunks and size + _nbytes(param) <= self.chunk_bytes:
+                chunks[-1].append(param)
+                size += _nbytes(param)
+            else:
+                chunks.append([param])
+                size = _nbytes(param)
+        return chunks
+
+    def _bring_in(self, params: Iterable[torch.Tensor]):
+        """Page the state of ``params`` in; on CUDA asynchronously: returns the event to wait for."""
+        moved = sum(self._page_in(p) for p in params)
+        self._announce(moved)
+        if self._stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        return event
+
+    def _bring_all_in(self) -> None:
+        event = self._bring_in(self._params())
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+
+    def _resident_bytes(self, params: Iterable[torch.Tensor]) -> int:
+        total = 0
+        for param in params:
+            for value in self.optimizer.state.get(param, {}).values():
+                if isinstance(value, torch.Tensor) and value not in _PAGED and value.device == param.device:
+                    total += _nbytes(value)
+        return total
+
+    def _announce(self, delta: int) -> None:
+        if delta:
+            for listener in self.listeners:
+                listener(delta)
 
     # ---------------------------------------------------------------- copies
     def _side_stream(self, device: torch.device):
@@ -93,15 +185,17 @@ class OptimizerPaging:
             self._stream = torch.cuda.Stream(device=device)
         return self._stream
 
-    def _page_out(self, param: torch.Tensor, state: dict) -> None:
-        for key, value in state.items():
+    def _page_out(self, param: torch.Tensor) -> int:
+        moved = 0
+        state = self.optimizer.state.get(param)
+        for key, value in (state or {}).items():
             if not isinstance(value, torch.Tensor) or value in _PAGED or value.device != param.device:
                 continue  # already paged, or kept on host by the optimizer itself (Adam's step count)
             pin = self.pin if self.pin is not None else value.is_cuda
             host = torch.empty(value.shape, dtype=value.dtype, layout=value.layout, pin_memory=pin)
             stream = self._side_stream(value.device)
             if stream is not None:
-                stream.wait_stream(torch.cuda.current_stream(value.device))  # the last step wrote it
+                stream.wait_stream(torch.cuda.current_stream(value.device))  # the update wrote it
                 with torch.cuda.stream(stream):
                     host.copy_(value, non_blocking=True)
                 value.record_stream(stream)  # its memory is not reused before the copy is done
@@ -109,10 +203,14 @@ class OptimizerPaging:
                 host.copy_(value)
             _PAGED[host] = value.device
             state[key] = host
+            moved += _nbytes(value)
             self.paged_out += 1
+        return moved
 
-    def _page_in(self, param: torch.Tensor, state: dict) -> None:
-        for key, value in state.items():
+    def _page_in(self, param: torch.Tensor) -> int:
+        moved = 0
+        state = self.optimizer.state.get(param)
+        for key, value in (state or {}).items():
             if not isinstance(value, torch.Tensor) or value not in _PAGED:
                 continue
             device = _PAGED[value]
@@ -124,7 +222,9 @@ class OptimizerPaging:
             else:
                 resident = value.clone()  # a new "device" tensor: the host copy is released
             state[key] = resident
+            moved += _nbytes(resident)
             self.paged_in += 1
+        return moved
 
 
 def paged_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -143,6 +143,9 @@ class SlimFit:
             self.compression = CompressionEngine(self.model, self.policy, compressors=factories).attach()
         # Without compression the meter counts what autograd saves with an engine of its own.
         self.memory = MemoryMeter(self.model, optimizer, engine=self.compression)
+        paging = getattr(backend, "paging", None)
+        if paging is not None:
+            paging.listeners.append(self.memory.optimizer_resident_changed)
         if self.config.checkpointing is not None:
             # recomputed tensors count as live activations of the meter's engine while alive
             counter = self.memory.engine._counter if self.memory.engine is not None else None  # noqa: SLF001

@@ -8,8 +8,8 @@ gives scorers this rank's view of the trained units' weights and gradients.
 ``TorchStepBackend`` covers every plain ``torch.optim`` optimizer, on one device or under DDP:
 torch optimizers skip parameters whose ``.grad`` is None, so clearing frozen gradients before the
 step is enough (a zero gradient is not: Adam momentum and decoupled weight decay would still
-move the weights). With ``paging`` (``optimizer_paging: true``) it also keeps the frozen
-set's optimizer state in host memory (``paging.py``). DeepSpeed ZeRO has its own backend in
+move the weights). With ``paging`` (``optimizer_paging: true``) it also keeps the optimizer
+state in host memory and streams the trained set's state through the step (``paging.py``). DeepSpeed ZeRO has its own backend in
 ``integrations/deepspeed.py``.
 """
 
@@ -72,12 +72,14 @@ class TorchStepBackend:
             # gradient from the last step it was trained): drop it so the optimizer skips it.
             for param in self._frozen:
                 param.grad = None
+            before_step()  # scorers read the gradients here, before paging releases them
             if self.paging is not None:
-                self.paging.ready()
-            before_step()
+                self.paging.stream_step(args, kwargs)
 
         def post_hook(optimizer, args, kwargs):
             after_step()
+            if self.paging is not None:
+                self.paging.evict()  # after a step with a closure, which is not streamed
 
         self._handles = [
             self.optimizer.register_step_pre_hook(pre_hook),
@@ -91,7 +93,7 @@ class TorchStepBackend:
     def set_frozen(self, frozen: Collection[torch.nn.Parameter]) -> None:
         self._frozen = tuple(frozen)
         if self.paging is not None:
-            self.paging.plan(self._frozen)
+            self.paging.evict()  # e.g. state that load_state put back on the device
 
     def views(self, units: Sequence[UnitParams]) -> list[UnitView]:
         return [

@@ -17,6 +17,10 @@ from slimfit_accel.errors import IntegrationError
 from slimfit_accel.paging import OptimizerPaging, is_paged, paged_bytes
 
 
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(t.numel() * t.element_size() for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor))
+
+
 def train(paging: bool, optimizer: str = "adamw", steps: int = 10):
     slimfit = SlimFit.from_config({"scheduler": {"name": "ils", "freeze_ratio": 0.8}, "optimizer_paging": paging})
     model = slimfit.prepare_model(tiny_bert(layers=3))
@@ -25,13 +29,16 @@ def train(paging: bool, optimizer: str = "adamw", steps: int = 10):
     else:
         opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.1)
     slimfit.attach(None, model, opt)
-    paged = []
+    paged, resident_in_backward = [], []
     for step in range(steps):
         with slimfit.step():
             model(**random_batch(seed=step)).loss.backward()
+            resident_in_backward.append(state_bytes(opt) - paged_bytes(opt))
             opt.step()
             opt.zero_grad(set_to_none=True)
         paged.append(paged_bytes(opt))
+    if paging:  # forward and backward ran with no optimizer state on the device
+        assert resident_in_backward == [0] * steps
     report = slimfit.report()
     return model, opt, slimfit, paged, report
 
@@ -40,12 +47,12 @@ def train(paging: bool, optimizer: str = "adamw", steps: int = 10):
 def test_paging_is_bit_identical_and_keeps_frozen_state_off_the_device(optimizer):
     model0, opt0, slim0, _, report0 = train(False, optimizer)
     model1, opt1, slim1, paged, report1 = train(True, optimizer)
-    assert all(b > 0 for b in paged[1:])  # from the second step on, frozen units' state is paged
-    # the meter: resident and paged state apart, together what the resident run holds
+    assert all(b > 0 for b in paged)  # after every step all state is on host
+    # the meter: after the step the paged state is all the resident run holds; on the device
+    # only the trained units' state, and only during the step
     mem0, mem1 = report0.memory.last, report1.memory.last
-    assert mem1.optimizer_paged == paged[-1] and mem0.optimizer_paged == 0
-    assert mem1.optimizer + mem1.optimizer_paged == mem0.optimizer
-    assert mem1.optimizer < mem0.optimizer and mem1.total < mem0.total
+    assert mem1.optimizer_paged == paged[-1] == mem0.optimizer and mem0.optimizer_paged == 0
+    assert 0 < mem1.optimizer < mem0.optimizer and mem1.total < mem0.total
     assert "paged to host" in report1.memory.render()
     for a, b in zip(model0.parameters(), model1.parameters()):
         assert torch.equal(a, b)
@@ -57,18 +64,71 @@ def test_paging_is_bit_identical_and_keeps_frozen_state_off_the_device(optimizer
     slim0.detach()
 
 
-def test_paged_state_is_tagged_and_comes_back_on_plan():
-    param = torch.nn.Parameter(torch.randn(4, 4))
-    opt = torch.optim.AdamW([param], lr=0.1)
-    param.grad = torch.ones_like(param)
-    opt.step()
-    moments = opt.state[param]["exp_avg"].clone()
-    paging = OptimizerPaging(opt)
-    paging.plan([param])
-    assert is_paged(opt.state[param]["exp_avg"]) and paging.paged_out == 3  # two moments + step
-    paging.plan([])
-    paging.ready()
-    assert not is_paged(opt.state[param]["exp_avg"]) and torch.equal(opt.state[param]["exp_avg"], moments)
+def _three_params(seed: int = 0) -> list[torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in ((64, 32), (8,), (16, 16))]
+
+
+def _set_grads(params, step: int) -> None:
+    generator = torch.Generator().manual_seed(100 + step)
+    for param in params:
+        param.grad = torch.randn(param.shape, generator=generator)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.AdamW([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.05}], lr=0.1, weight_decay=0.1),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1),
+], ids=["adamw_two_groups", "sgd_momentum"])
+def test_streamed_step_is_bit_identical_one_chunk_at_a_time_smallest_first(make):
+    plain, streamed = _three_params(), _three_params()
+    opt0, opt1 = make(plain), make(streamed)
+    paging = OptimizerPaging(opt1, chunk_bytes=0)  # every parameter its own chunk
+    moves: list[int] = []
+    paging.listeners.append(moves.append)
+    opt1.register_step_pre_hook(lambda opt, args, kwargs: paging.stream_step(args, kwargs))
+    opt1.register_step_post_hook(lambda opt, args, kwargs: paging.evict())
+    sizes = []
+    for step in range(5):
+        _set_grads(plain, step)
+        _set_grads(streamed, step)
+        if step == 3:  # a parameter without a gradient is skipped, as the optimizer skips it
+            plain[0].grad = streamed[0].grad = None
+        opt0.step()
+        moves.clear()
+        opt1.step()
+        assert all(p.grad is None for p in streamed)  # released as each chunk is stepped
+        assert paged_bytes(opt1) == sum(t.numel() * t.element_size() for s in opt1.state.values() for t in s.values())
+        resident, peak = 0, 0
+        for delta in moves:
+            resident += delta
+            peak = max(peak, resident)
+        assert resident == 0
+        sizes.append(peak)
+    for a, b in zip(plain, streamed):
+        assert torch.equal(a, b)
+        assert all(torch.equal(opt0.state[a][k], opt1.state[b][k].to(opt0.state[a][k].device)) for k in opt0.state[a])
+    # at most one parameter's state on the "device" at a time: the largest one's
+    largest = max(sum(t.numel() * t.element_size() for t in opt1.state[p].values() if t.dim()) for p in streamed)
+    assert max(sizes) <= largest + 8 and paging.chunks_stepped == 3 * 4 + 2
+
+
+def test_step_with_a_closure_is_not_streamed_but_still_exact():
+    plain, streamed = _three_params(), _three_params()
+    opt0 = torch.optim.SGD(plain, lr=0.1, momentum=0.9)
+    opt1 = torch.optim.SGD(streamed, lr=0.1, momentum=0.9)
+    paging = OptimizerPaging(opt1, chunk_bytes=0)
+    opt1.register_step_pre_hook(lambda opt, args, kwargs: paging.stream_step(args, kwargs))
+    opt1.register_step_post_hook(lambda opt, args, kwargs: paging.evict())
+    for step in range(3):
+        for params, opt in ((plain, opt0), (streamed, opt1)):
+            def closure(params=params):
+                _set_grads(params, step)
+                return torch.tensor(0.0)
+            opt.step(closure)
+    assert paging.chunks_stepped == 0 and paged_bytes(opt1) > 0
+    assert all(torch.equal(a, b) for a, b in zip(plain, streamed))
+    paging.resident_all()
+    assert paged_bytes(opt1) == 0 and not is_paged(opt1.state[streamed[0]]["momentum_buffer"])
 
 
 def test_paging_under_deepspeed_is_a_no_op_with_a_warning():
