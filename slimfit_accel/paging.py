@@ -87,6 +87,7 @@ class OptimizerPaging:
         """Page out every resident state tensor (before forward; after a step with a closure)."""
         moved = sum(self._page_out(p) for p in self._params())
         self._announce(-moved)
+        self._host_copies_done()
 
     def stream_step(self, args: tuple = (), kwargs: dict | None = None) -> None:
         """Run the optimizer's update chunk by chunk, paging each chunk's state in and out, and
@@ -125,6 +126,7 @@ class OptimizerPaging:
         finally:
             for group, params in zip(groups, group_params):
                 group["params"] = params
+            self._host_copies_done()
 
     def resident_all(self) -> None:
         """Bring every paged tensor back (when detaching: the optimizer is plain again)."""
@@ -178,6 +180,12 @@ class OptimizerPaging:
                 listener(delta)
 
     # ---------------------------------------------------------------- copies
+    def _host_copies_done(self) -> None:
+        """Wait until the host copies are written: whoever reads the state next (a checkpoint
+        save, say) reads host memory without looking at our stream."""
+        if self._stream is not None:
+            self._stream.synchronize()
+
     def _side_stream(self, device: torch.device):
         if device.type != "cuda":
             return None
