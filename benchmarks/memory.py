@@ -10,8 +10,16 @@ freezing plus the default compression; ``slimfit_default``: the packaged default
 with ``--freeze-ratio``, block checkpointing and optimizer paging;
 on CUDA also activation offloading (saved tensors moved to pinned host memory, as torchtune and
 TRL do). Every arm gets a fresh model from the same seed and the same random token ids; bytes
-come from ``slimfit_accel.memory.MemoryMeter`` (exact tensor sizes), the figures of an arm are
-the largest over its measured steps, and the step time is their mean.
+come from ``slimfit_accel.memory.MemoryMeter`` (exact tensor sizes, followed over time: the
+total is the largest sum at any moment of a step), the figures of an arm are the largest over
+its measured steps, and the step time is their mean.
+
+Steady state ("steady total"): what an arm holds once training has gone on. Arms built on
+SlimFit start with AdamW state for every parameter (as once every unit has trained), so it is
+measured, resident or paged. Under optimizer paging the measured steps may have drawn small
+units; the steady total is then also bounded by the largest step the config allows: the
+gradient shortfall against the step's budget is added to the measured peak, and the optimizer
+step is bounded by all the budget's gradients plus the largest chunk of state paging streams.
 
 Models: ``--model bert`` (sequence classification) or ``--model llama`` (a Llama-style decoder,
 random init, causal LM loss; e.g. ``--hidden 2048 --layers 8 --heads 16 --intermediate 5504

@@ -231,7 +231,9 @@ _SUMMED = ("params", "grads", "optimizer", "activations", "activations_raw", "to
 
 @dataclass
 class MemoryReport:
-    """``last``: the last step; ``peak``: each category's largest value over all steps.
+    """``last``: the last measured block (a forward/backward pass, with the optimizer step when
+    it ran inside); ``peak``: each category's largest value over all blocks; ``steps``: how
+    many blocks were measured (micro-batches under gradient accumulation).
 
     ``scope`` says whose figures they are (see ``RankScope``). ``all_ranks``, filled by
     ``gather_ranks``, is the last step summed over every rank (what the whole job holds).
@@ -253,7 +255,9 @@ class MemoryReport:
         from rich.console import Console
         from rich.table import Table
 
-        title = f"Memory by category ({self.steps} steps), {self.scope.describe()}"
+        # One measured block per forward/backward pass: under gradient accumulation several make
+        # one optimizer step (the freeze report counts those).
+        title = f"Memory by category ({self.steps} forward/backward passes), {self.scope.describe()}"
         table = Table(title=title, show_header=True, header_style="bold")
         table.add_column("category")
         table.add_column("last step", justify="right")

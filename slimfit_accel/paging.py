@@ -33,11 +33,11 @@ Under DeepSpeed ZeRO the state lives in flat partitions that cannot be split by 
 there ``optimizer_paging`` is a no-op (SlimFit warns once at attach, nothing is copied, so
 nothing is duplicated); DeepSpeed's ``offload_optimizer`` keeps that state on host instead.
 
-Example::
+Example (on its own; SlimFit's ``optimizer_paging: true`` does this for you)::
 
-    paging = OptimizerPaging(optimizer)
-    optimizer.register_step_pre_hook(lambda opt, args, kwargs: paging.stream_step(args, kwargs))
-    optimizer.register_step_post_hook(lambda opt, args, kwargs: paging.evict())
+    paging = OptimizerPaging(optimizer).install()   # optimizer.step() now streams the state
+    ...
+    paging.remove()                                 # every state tensor back on the device
 """
 
 from __future__ import annotations
@@ -81,8 +81,25 @@ class OptimizerPaging:
         self.paged_out = 0  # tensors copied out so far (for tests and reports)
         self.paged_in = 0
         self.chunks_stepped = 0
+        self._handles: list = []
 
     # ---------------------------------------------------------------- the calls
+    def install(self) -> "OptimizerPaging":
+        """Stream every ``optimizer.step()`` from now on (step pre- and post-hooks)."""
+        self._handles = [
+            self.optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.stream_step(args, kwargs)),
+            self.optimizer.register_step_post_hook(lambda opt, args, kwargs: self.evict()),
+        ]
+        self.evict()
+        return self
+
+    def remove(self) -> None:
+        """Undo ``install``: hooks removed, every state tensor back where the optimizer keeps it."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.resident_all()
+
     def evict(self) -> None:
         """Page out every resident state tensor (before forward; after a step with a closure)."""
         moved = sum(self._page_out(p) for p in self._params())

@@ -82,11 +82,9 @@ def _set_grads(params, step: int) -> None:
 def test_streamed_step_is_bit_identical_one_chunk_at_a_time_smallest_first(make):
     plain, streamed = _three_params(), _three_params()
     opt0, opt1 = make(plain), make(streamed)
-    paging = OptimizerPaging(opt1, chunk_bytes=0)  # every parameter its own chunk
+    paging = OptimizerPaging(opt1, chunk_bytes=0).install()  # every parameter its own chunk
     moves: list[int] = []
     paging.listeners.append(moves.append)
-    opt1.register_step_pre_hook(lambda opt, args, kwargs: paging.stream_step(args, kwargs))
-    opt1.register_step_post_hook(lambda opt, args, kwargs: paging.evict())
     sizes = []
     for step in range(5):
         _set_grads(plain, step)
@@ -112,13 +110,31 @@ def test_streamed_step_is_bit_identical_one_chunk_at_a_time_smallest_first(make)
     assert max(sizes) <= largest + 8 and paging.chunks_stepped == 3 * 4 + 2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (side-stream prefetch, pinned host copies)")
+def test_streamed_step_on_cuda_prefetches_and_stays_bit_identical():
+    plain = [p.detach().cuda().requires_grad_() for p in _three_params()]
+    streamed = [p.detach().cuda().requires_grad_() for p in _three_params()]
+    opt0 = torch.optim.AdamW(plain, lr=0.1, weight_decay=0.1)
+    opt1 = torch.optim.AdamW(streamed, lr=0.1, weight_decay=0.1)
+    paging = OptimizerPaging(opt1, chunk_bytes=0).install()
+    for step in range(5):
+        for params, opt in ((plain, opt0), (streamed, opt1)):
+            generator = torch.Generator().manual_seed(100 + step)
+            for param in params:
+                param.grad = torch.randn(param.shape, generator=generator).cuda()
+            opt.step()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(plain, streamed))
+    state = opt1.state[streamed[0]]["exp_avg"]
+    assert is_paged(state) and state.device.type == "cpu" and state.is_pinned()
+    assert torch.equal(state.cuda(), opt0.state[plain[0]]["exp_avg"])
+
+
 def test_step_with_a_closure_is_not_streamed_but_still_exact():
     plain, streamed = _three_params(), _three_params()
     opt0 = torch.optim.SGD(plain, lr=0.1, momentum=0.9)
     opt1 = torch.optim.SGD(streamed, lr=0.1, momentum=0.9)
-    paging = OptimizerPaging(opt1, chunk_bytes=0)
-    opt1.register_step_pre_hook(lambda opt, args, kwargs: paging.stream_step(args, kwargs))
-    opt1.register_step_post_hook(lambda opt, args, kwargs: paging.evict())
+    paging = OptimizerPaging(opt1, chunk_bytes=0).install()
     for step in range(3):
         for params, opt in ((plain, opt0), (streamed, opt1)):
             def closure(params=params):
@@ -127,7 +143,7 @@ def test_step_with_a_closure_is_not_streamed_but_still_exact():
             opt.step(closure)
     assert paging.chunks_stepped == 0 and paged_bytes(opt1) > 0
     assert all(torch.equal(a, b) for a, b in zip(plain, streamed))
-    paging.resident_all()
+    paging.remove()
     assert paged_bytes(opt1) == 0 and not is_paged(opt1.state[streamed[0]]["momentum_buffer"])
 
 
