@@ -4,9 +4,10 @@ Llama-, Mistral-, Qwen- and Gemma-style feed-forward blocks compute ``act(g) * u
 then keeps three tensors of the wide width: ``g`` (for the activation's backward), ``act(g)``
 (for ``u``'s gradient) and ``u`` (for ``act(g)``'s gradient). The engine swaps in an exact
 autograd function that keeps only ``g`` and ``u`` and recomputes ``act(g)`` (elementwise,
-cheap) in backward: a third less to store, and the activation's derivative is read from ``g``
-at the precision the policy gives the block (int8 by default) rather than from the int4 copy
-its activation module would keep.
+cheap) in backward: a third less to store. The saved tensors carry roles for the policy:
+``gated_gate`` (``g``: both gradients read ``act(g)`` or ``act'(g)`` from it; int8 by default)
+and ``gated_up`` (``u``: only the gate's gradient reads it; int4 by default, so that gradient
+has one 4-bit factor, as it had when the activation module kept ``g`` in 4 bits).
 
 A module is swapped because of what it computes, not its class name: its children are exactly
 three projections (two-dimensional weights) and one parameterless activation, and on a probe
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from .kinds import _activation_kind, _is_projection
+from .roles import tag_role
 
 
 class GatedProduct(torch.autograd.Function):
@@ -34,6 +36,8 @@ class GatedProduct(torch.autograd.Function):
         activated = act(gate)
         ctx.act = act
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            tag_role(gate, "gated_gate")  # read by both gradients (act(g) and act'(g))
+            tag_role(up, "gated_up")  # read by the gate's gradient only
             ctx.save_for_backward(gate, up)
         return activated * up
 

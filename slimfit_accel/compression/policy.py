@@ -129,7 +129,10 @@ def _policy(gelu: dict, attention: dict, layernorm: dict, ffn_down: dict, modern
     if modern:
         # A loss's log-softmax output (batch x length x vocabulary): probabilities in 8 bits.
         rules.append(Rule(role="log_probs", compressor=CompressorSpec(name="int8", log_domain=True)))
-        # A gated MLP's own glue: the operands of act(gate) * up.
+        # A gated MLP's own glue: the operands of act(gate) * up (gated_mlp.py). ``up`` is read
+        # only by the gate's gradient: as an activation's input; ``gate`` (both gradients) and
+        # anything else the MLP saves as the FFN input.
+        rules.append(Rule(module_kind="mlp", role="gated_up", compressor=CompressorSpec(**gelu)))
         rules.append(Rule(module_kind="mlp", compressor=CompressorSpec(**ffn_down)))
         rules.append(Rule(module_kind="ffn_down", compressor=CompressorSpec(**ffn_down)))
     rules.append(Rule(path=FFN_DOWN_PATHS, exclude=("*attention*", "*attn*"), compressor=CompressorSpec(**ffn_down)))
@@ -153,7 +156,9 @@ def slimfit_policy() -> CompressionPolicy:
     attention operands (``*Attention``; also    any         int8, one scale per row (its
     rotary embeddings applied inside)                       dropout mask: bitmask)
     LayerNorm/RMSNorm normalized output         frozen      int4, one scale per row
-    gated-MLP operands (kind ``mlp``)           any         int8, one scale per row
+    gated MLP's ``up`` of ``act(gate) * up``    any         int4, one scale per row
+    (kind ``mlp``, role ``gated_up``)
+    gated MLP's ``gate`` (kind ``mlp``)         any         int8, one scale per row
     FFN down-projection input                   any         int8, one scale per row
     log-softmax output of a loss (role          any         its probabilities, 8 bits, one
     ``log_probs``; batch x length x vocab)                  scale per row
