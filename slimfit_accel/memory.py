@@ -267,7 +267,8 @@ class MemoryReport:
         rows = [
             ("parameters", "params"),
             ("gradients (peak live)", "grads"),
-            ("optimizer state" + (", resident" if self.peak.optimizer_paged else ""), "optimizer"),
+            # under paging: the most the streamed optimizer step held on the device at once
+            ("optimizer state" + (", on device (peak)" if self.peak.optimizer_paged else ""), "optimizer"),
             *([("optimizer state, paged to host", "optimizer_paged")] if self.peak.optimizer_paged else []),
             ("saved activations, raw (peak live)", "activations_raw"),
             ("saved activations, stored (peak live)", "activations"),
