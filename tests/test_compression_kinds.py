@@ -90,11 +90,11 @@ def test_gated_mlps_are_told_by_what_they_compute():
     for arch in ("llama", "mistral", "qwen2"):
         model = build(arch)
         swapped, restore = swap_gated_mlps(model)
-        assert len(swapped) == 2 and all(m._slimfit_gated == ("gate_proj", "up_proj", "down_proj", "act_fn") for m in swapped), arch
+        assert len(swapped) == 2 and all(m._slimfit_swap == ("gate_proj", "up_proj", "down_proj", "act_fn") for m in swapped), arch
         restore()
         assert not any("forward" in m.__dict__ for m in model.modules())
     odd = UpFirst()
-    assert swap_gated_mlps(odd)[0] == [odd] and odd._slimfit_gated == ("a", "b", "c", "act")
+    assert swap_gated_mlps(odd)[0] == [odd] and odd._slimfit_swap == ("a", "b", "c", "act")
     # not gated (GPT-2, BERT), or with dropout inside (T5's gated-GELU): their own forward stays
     t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
         d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=4, vocab_size=32,

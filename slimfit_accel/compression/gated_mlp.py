@@ -26,6 +26,7 @@ from torch import nn
 
 from .kinds import _activation_kind, _is_projection
 from .roles import tag_role
+from .swaps import swap_forwards
 
 
 class GatedProduct(torch.autograd.Function):
@@ -85,28 +86,12 @@ def _assignment(module: nn.Module) -> tuple[str, str, str, str] | None:
 
 
 def _forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    gate, up, down, act = module._slimfit_gated
+    gate, up, down, act = module._slimfit_swap
     children = module._modules
     return children[down](GatedProduct.apply(children[gate](x), children[up](x), children[act].forward))
 
 
 def swap_gated_mlps(model: nn.Module) -> tuple[list[nn.Module], Callable[[], None]]:
     """Route every gated MLP in ``model`` (see the module docstring) through
-    :class:`GatedProduct`. Modules whose ``forward`` is already patched on the instance are left
-    alone. Returns the swapped modules and a function that undoes the swap."""
-    swapped = []
-    for module in model.modules():
-        if "forward" in module.__dict__:
-            continue
-        assignment = _assignment(module)
-        if assignment is not None:
-            module._slimfit_gated = assignment
-            module.forward = _forward.__get__(module)
-            swapped.append(module)
-
-    def restore() -> None:
-        for module in swapped:
-            module.__dict__.pop("forward", None)
-            module.__dict__.pop("_slimfit_gated", None)
-
-    return swapped, restore
+    :class:`GatedProduct`. Returns the swapped modules and a function that undoes the swap."""
+    return swap_forwards(model, _forward, _assignment)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .roles import tag_role
+from .swaps import swap_forwards
 
 
 class NormalizedLayerNorm(torch.autograd.Function):
@@ -72,14 +73,5 @@ def swap_layernorms(model: nn.Module) -> Callable[[], None]:
     Subclasses that override ``forward`` and modules whose ``forward`` is already patched (e.g.
     by Accelerate's offload hooks) are left alone. Returns a function that undoes the swap.
     """
-    swapped = []
-    for module in model.modules():
-        if type(module).forward is nn.LayerNorm.forward and "forward" not in module.__dict__:
-            module.forward = _forward.__get__(module)  # bound: module.forward(x)
-            swapped.append(module)
-
-    def restore() -> None:
-        for module in swapped:
-            module.__dict__.pop("forward", None)
-
+    _, restore = swap_forwards(model, _forward, lambda module: True if type(module).forward is nn.LayerNorm.forward else None)
     return restore

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .roles import tag_role
+from .swaps import swap_forwards
 
 _EPS_NAMES = ("variance_epsilon", "eps", "epsilon")
 
@@ -65,7 +66,7 @@ def _eps(module: nn.Module) -> float | None:
 
 
 def _forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return NormalizedRMSNorm.apply(x, module.weight, module._slimfit_eps)
+    return NormalizedRMSNorm.apply(x, module.weight, module._slimfit_swap)
 
 
 def is_rmsnorm(module: nn.Module) -> bool:
@@ -92,19 +93,6 @@ def is_rmsnorm(module: nn.Module) -> bool:
 def swap_rmsnorms(model: nn.Module) -> tuple[list[nn.Module], Callable[[], None]]:
     """Route every RMSNorm in ``model`` (see :func:`is_rmsnorm`) through :class:`NormalizedRMSNorm`.
 
-    Modules whose ``forward`` is already patched on the instance are left alone. Returns the
-    swapped modules and a function that undoes the swap.
+    Returns the swapped modules and a function that undoes the swap.
     """
-    swapped = []
-    for module in model.modules():
-        if "forward" not in module.__dict__ and is_rmsnorm(module):
-            module._slimfit_eps = _eps(module)
-            module.forward = _forward.__get__(module)
-            swapped.append(module)
-
-    def restore() -> None:
-        for module in swapped:
-            module.__dict__.pop("forward", None)
-            module.__dict__.pop("_slimfit_eps", None)
-
-    return swapped, restore
+    return swap_forwards(model, _forward, lambda module: _eps(module) if is_rmsnorm(module) else None)
