@@ -32,7 +32,8 @@ and ``on_train_begin`` of a resumed run reads it back from there, whether or not
 ``restore_callback_states_from_checkpoint`` is set.
 
 DDP: the Trainer asks DDP to find unused parameters unless activation checkpointing is on;
-SlimFit needs it (frozen units get no gradient), so that setting is checked. DeepSpeed ZeRO:
+SlimFit needs it (frozen units get no gradient), so that setting is checked, as transformers 4.x
+and 5.x each decide it (they name the checkpointing flags differently). DeepSpeed ZeRO:
 callbacks are given the module, not the Trainer's engine; the callback finds the engine that
 wraps the module and steps freeze-true through it, as ``SlimFit.attach`` does under Accelerate.
 With no GPU, the Trainer's own set-up leaves DeepSpeed processes each alone: set up the process
@@ -193,19 +194,42 @@ def _check_ddp(args: Any, model: nn.Module) -> None:
     launched = PartialState()
     if launched.num_processes > 1 and launched.distributed_type != DistributedType.DEEPSPEED:
         if reentrant_checkpointing(model):
+            kwargs_name = _args_field(args, "activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")
             raise IntegrationError(
                 "SlimFitCallback: activation checkpointing with use_reentrant=True does not work under DDP with "
                 "SlimFit (frozen units need find_unused_parameters=True, which reentrant backward breaks). Set "
-                "TrainingArguments(activation_checkpointing_kwargs={'use_reentrant': False}, ddp_find_unused_parameters=True)."
+                f"TrainingArguments({kwargs_name}={{'use_reentrant': False}}, ddp_find_unused_parameters=True)."
             )
-        find_unused = args.ddp_find_unused_parameters
-        if find_unused is None:
-            find_unused = not (getattr(model, "is_activation_checkpointing", False) or getattr(args, "activation_checkpointing", False))
-        if not find_unused:
+        if not _trainer_finds_unused_parameters(args, model):
             raise IntegrationError(
                 "SlimFitCallback: DDP would wait for gradients of frozen units (find_unused_parameters is off, "
                 "as the Trainer does with activation checkpointing). Set TrainingArguments(ddp_find_unused_parameters=True)."
             )
+
+
+def _trainer_finds_unused_parameters(args: Any, model: nn.Module) -> bool:
+    """The ``find_unused_parameters`` the Trainer gives DDP, as transformers 4.x and 5.x decide it.
+
+    An explicit ``ddp_find_unused_parameters`` wins; otherwise a ``PreTrainedModel`` gets
+    ``not checkpointing`` and any other model ``True``. The two versions name "checkpointing"
+    differently (4.x: ``model.is_gradient_checkpointing``, ``args.gradient_checkpointing``; 5.x:
+    ``is_activation_checkpointing``, ``activation_checkpointing``), so it is read from what both
+    have: the ``gradient_checkpointing`` flag checkpointed modules carry, and either args field.
+    """
+    from transformers import PreTrainedModel
+
+    if args.ddp_find_unused_parameters is not None:
+        return bool(args.ddp_find_unused_parameters)
+    if not isinstance(model, PreTrainedModel):
+        return True
+    model_checkpoints = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    args_checkpoint = bool(getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", None))
+    return not (model_checkpoints or args_checkpoint)
+
+
+def _args_field(args: Any, *names: str) -> str:
+    """The first of ``names`` this transformers version's ``TrainingArguments`` has (for messages)."""
+    return next((name for name in names if hasattr(args, name)), names[-1])
 
 
 def _saved_state(state: Any, name: str) -> str | None:
