@@ -1,9 +1,14 @@
 """Loading plugins and building the strategies a config names.
 
-Plugins come from the entry-point group ``slimfit_accel``; the built-ins in ``strategies/`` are
-registered there too, so they load exactly like third-party ones. ``SLIMFIT_ACCEL_PLUGINS``
-restricts what loads: unset loads everything installed; a comma-separated list loads the
-built-ins plus the named plugins; an empty value loads the built-ins only.
+The built-ins in ``strategies/`` (``BUILTIN_PLUGINS``) are registered in code, always, whatever
+the install's metadata says; third-party plugins come from the entry-point group
+``slimfit_accel``. ``SLIMFIT_ACCEL_PLUGINS`` restricts which third-party plugins load: unset
+loads every installed one; a comma-separated list loads the named ones; an empty value none.
+
+Names are never silently shadowed: a third-party plugin named like a built-in or another plugin,
+or registering a strategy name already taken, is a ``PluginError`` naming both plugins and the
+distributions they come from. (The same entry point listed twice, as an editable install next to
+a regular one can, loads once.)
 
 Example::
 
@@ -14,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import os
 from dataclasses import dataclass
@@ -29,7 +35,23 @@ from .errors import ConfigError, PluginError
 
 ENTRY_POINT_GROUP = "slimfit_accel"
 PLUGINS_ENV_VAR = "SLIMFIT_ACCEL_PLUGINS"
-BUILTIN_MODULE_PREFIX = "slimfit_accel."
+#: The built-in plugins, registered in code under their module's last name (``ils``, ``topk``).
+BUILTIN_PLUGINS = (
+    "slimfit_accel.strategies.scoring.weight_delta",
+    "slimfit_accel.strategies.scoring.grad_norm",
+    "slimfit_accel.strategies.scoring.random_score",
+    "slimfit_accel.strategies.scheduling.ils",
+    "slimfit_accel.strategies.scheduling.random_layers",
+    "slimfit_accel.strategies.scheduling.progressive",
+    "slimfit_accel.strategies.scheduling.static",
+    "slimfit_accel.strategies.compression.none",
+    "slimfit_accel.strategies.compression.int8",
+    "slimfit_accel.strategies.compression.int4",
+    "slimfit_accel.strategies.compression.fixed_point",
+    "slimfit_accel.strategies.compression.topk",
+    "slimfit_accel.strategies.compression.bitmask",
+)
+BUILTIN_SOURCE = "built into slimfit-accel"
 
 #: strategy kind -> the registration hook that provides it
 KIND_HOOKS = {
@@ -65,8 +87,10 @@ class Built:
 class StrategyRegistry:
     """The loaded plugins and every strategy they registered, by kind and name."""
 
-    def __init__(self, pm: pluggy.PluginManager):
+    def __init__(self, pm: pluggy.PluginManager, sources: dict[str, str] | None = None):
         self.pm = pm
+        #: plugin name -> where it comes from (built in, a distribution, passed in code)
+        self.sources = dict(sources or {})
         self.strategies: dict[str, dict[str, Registration]] = {kind: {} for kind in KIND_HOOKS}
         for kind, hook_name in KIND_HOOKS.items():
             for impl in getattr(pm.hook, hook_name).get_hookimpls():
@@ -74,14 +98,20 @@ class StrategyRegistry:
 
     @classmethod
     def load(cls, extra_plugins: Iterable[Any] = ()) -> "StrategyRegistry":
-        """Load entry-point plugins (filtered by ``SLIMFIT_ACCEL_PLUGINS``) plus ``extra_plugins``.
+        """Load the built-ins, entry-point plugins (filtered by ``SLIMFIT_ACCEL_PLUGINS``) and ``extra_plugins``.
 
         ``extra_plugins`` are modules or objects with ``@hookimpl`` functions, registered
         directly: handy for a plugin that lives in your training script.
         """
         pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         pm.add_hookspecs(hookspecs)
+        sources: dict[str, str] = {}
+        for module_name in BUILTIN_PLUGINS:
+            _register(pm, importlib.import_module(module_name), _builtin_name(module_name), BUILTIN_SOURCE, sources)
         for entry_point in _selected_entry_points():
+            source = f"distribution '{_distribution(entry_point)}', entry point {entry_point.value}"
+            if pm.get_plugin(entry_point.name) is not None:  # before importing it: the clash is the error
+                _clash(entry_point.name, source, sources)
             try:
                 plugin = entry_point.load()
             except Exception as err:  # a broken plugin must be named, whatever it raised
@@ -89,10 +119,11 @@ class StrategyRegistry:
                     entry_point.name,
                     f"failed to import '{entry_point.value}': {type(err).__name__}: {err}",
                 ) from err
-            _register(pm, plugin, entry_point.name)
+            _register(pm, plugin, entry_point.name, source, sources)
         for plugin in extra_plugins:
-            _register(pm, plugin, getattr(plugin, "__name__", None) or type(plugin).__name__)
-        return cls(pm)
+            name = getattr(plugin, "__name__", None) or type(plugin).__name__
+            _register(pm, plugin, name, "passed in code", sources)
+        return cls(pm, sources)
 
     def _collect(self, kind: str, impl: pluggy.HookImpl) -> None:
         def register(name: str, factory: Callable[..., Any]) -> None:
@@ -104,8 +135,9 @@ class StrategyRegistry:
             if known is not None:
                 raise PluginError(
                     impl.plugin_name,
-                    f"registers {kind} '{name}', already registered by plugin '{known.plugin}'. "
-                    f"Disable one of them with {PLUGINS_ENV_VAR}.",
+                    f"({self._source(impl.plugin_name)}) registers {kind} '{name}', already registered by "
+                    f"plugin '{known.plugin}' ({self._source(known.plugin)}). Rename one of them, or leave "
+                    f"the third-party one out with {PLUGINS_ENV_VAR}.",
                 )
             self.strategies[kind][name] = Registration(kind, name, factory, impl.plugin_name)
 
@@ -115,6 +147,9 @@ class StrategyRegistry:
             raise
         except Exception as err:
             raise PluginError(impl.plugin_name, f"raised in {KIND_HOOKS[kind]}: {type(err).__name__}: {err}") from err
+
+    def _source(self, plugin: str) -> str:
+        return self.sources.get(plugin, "passed in code")
 
     def build(self, kind: str, spec: StrategySpec, where: str | None = None) -> Built:
         """Build the strategy ``spec`` names, validating its options; ``ConfigError`` if invalid."""
@@ -163,7 +198,7 @@ class StrategyRegistry:
                 {
                     "name": name,
                     "module": module,
-                    "builtin": module.startswith(BUILTIN_MODULE_PREFIX),
+                    "builtin": self.sources.get(name) == BUILTIN_SOURCE,
                     "strategies": {k: v for k, v in strategies.items() if v},
                     "hooks": hooks,
                 }
@@ -215,33 +250,66 @@ def _clean(message: str) -> str:
 
 
 def _selected_entry_points() -> list[metadata.EntryPoint]:
-    entry_points = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+    """The third-party entry points ``SLIMFIT_ACCEL_PLUGINS`` selects, each once.
+
+    Entry points naming a built-in module are the built-ins as older installs of slimfit-accel
+    listed them: they are registered in code already, so they are left out here.
+    """
+    entry_points = _unique(ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.value not in BUILTIN_PLUGINS)
     wanted = os.environ.get(PLUGINS_ENV_VAR)
     if wanted is None:
-        return _unique(entry_points)
+        return entry_points
     names = {n.strip() for n in wanted.split(",") if n.strip()}
-    third_party = {ep.name for ep in entry_points if not ep.value.startswith(BUILTIN_MODULE_PREFIX)}
-    missing = sorted(names - third_party)
+    installed = {ep.name for ep in entry_points}
+    missing = sorted(names - installed)
     if missing:
         raise ConfigError(
             f"{PLUGINS_ENV_VAR} names {missing}, but no installed third-party plugin has "
-            f"that name. Installed: {sorted(third_party) or 'none'}."
+            f"that name. Installed: {sorted(installed) or 'none'}."
         )
-    return _unique(ep for ep in entry_points if ep.value.startswith(BUILTIN_MODULE_PREFIX) or ep.name in names)
+    return [ep for ep in entry_points if ep.name in names]
 
 
 def _unique(entry_points: Iterable[metadata.EntryPoint]) -> list[metadata.EntryPoint]:
-    # An editable install next to a regular one can list the same entry point twice.
+    """Each (name, module) once: an editable install next to a regular one can list an entry point
+    twice. One name for two different modules is a clash: ``PluginError`` naming both."""
     seen: dict[str, metadata.EntryPoint] = {}
     for ep in entry_points:
-        seen.setdefault(ep.name, ep)
+        known = seen.setdefault(ep.name, ep)
+        if known.value != ep.value:
+            raise PluginError(
+                ep.name,
+                f"two installed entry points in group '{ENTRY_POINT_GROUP}' have this name: {known.value} "
+                f"(distribution '{_distribution(known)}') and {ep.value} (distribution '{_distribution(ep)}'). "
+                f"Uninstall or rename one of them.",
+            )
     return list(seen.values())
 
 
-def _register(pm: pluggy.PluginManager, plugin: Any, name: str) -> None:
-    if pm.get_plugin(name) is not None or pm.is_registered(plugin):
-        return
+def _distribution(entry_point: metadata.EntryPoint) -> str:
+    dist = getattr(entry_point, "dist", None)
+    return getattr(dist, "name", None) or "unknown"
+
+
+def _builtin_name(module_name: str) -> str:
+    return module_name.rsplit(".", 1)[-1]
+
+
+def _clash(name: str, source: str, sources: dict[str, str]) -> None:
+    raise PluginError(
+        name,
+        f"({source}) has the name of plugin '{name}' ({sources.get(name, 'passed in code')}) already loaded. "
+        f"Rename one of them, or leave the third-party one out with {PLUGINS_ENV_VAR}.",
+    )
+
+
+def _register(pm: pluggy.PluginManager, plugin: Any, name: str, source: str, sources: dict[str, str]) -> None:
+    if pm.is_registered(plugin):
+        return  # the same object again (e.g. passed in code and installed): nothing new
+    if pm.get_plugin(name) is not None:
+        _clash(name, source, sources)
     try:
         pm.register(plugin, name=name)
     except pluggy.PluginValidationError as err:
         raise PluginError(name, f"does not match the hook contract: {err}") from err
+    sources[name] = source

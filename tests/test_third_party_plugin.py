@@ -83,3 +83,96 @@ def test_env_var_restricts_plugins(plugin_site, tmp_path):
     assert accepted.returncode == 0, accepted.stderr
     unknown = subprocess.run([*CLI, "plugins"], env=env_with(plugin_site, SLIMFIT_ACCEL_PLUGINS="nope"), capture_output=True, text=True)
     assert unknown.returncode == 2 and "names ['nope']" in unknown.stderr
+
+
+# -- name clashes: distributions made by hand (a dist-info folder is all importlib.metadata reads) --
+TOPK_PLUGIN = """
+from slimfit_accel.hookspecs import hookimpl
+from slimfit_accel.strategies.compression.none import NoCompression
+
+@hookimpl
+def register_compressors(register):
+    register({name!r}, NoCompression)
+"""
+
+
+def fake_distribution(site: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
+    """Install distribution ``dist`` into ``site``: its modules and a dist-info with ``entry_points``."""
+    info = site / f"{dist.replace('-', '_')}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    lines = "".join(f"{name} = {module}\n" for name, module in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[slimfit_accel]\n{lines}")
+    for module, source in modules.items():
+        (site / f"{module}.py").write_text(source)
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLIMFIT_ACCEL_PLUGINS", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_a_plugin_registering_a_builtin_strategy_name_is_an_error_naming_both(site):
+    from slimfit_accel.errors import PluginError
+    from slimfit_accel.plugins import StrategyRegistry
+
+    fake_distribution(site, "slimfit-fast-topk", {"fast_topk": "fast_topk_plugin"},
+                      {"fast_topk_plugin": TOPK_PLUGIN.format(name="topk")})
+    with pytest.raises(PluginError) as raised:
+        StrategyRegistry.load()
+    assert str(raised.value) == (
+        "plugin 'fast_topk': (distribution 'slimfit-fast-topk', entry point fast_topk_plugin) registers compressor "
+        "'topk', already registered by plugin 'topk' (built into slimfit-accel). Rename one of them, or leave the "
+        "third-party one out with SLIMFIT_ACCEL_PLUGINS."
+    )
+
+
+def test_a_plugin_named_like_a_builtin_is_an_error_naming_both(site):
+    from slimfit_accel.errors import PluginError
+    from slimfit_accel.plugins import StrategyRegistry
+
+    fake_distribution(site, "slimfit-my-topk", {"topk": "my_topk_plugin"}, {"my_topk_plugin": TOPK_PLUGIN.format(name="my_topk")})
+    with pytest.raises(PluginError, match=r"plugin 'topk': \(distribution 'slimfit-my-topk', entry point my_topk_plugin\) "
+                                          r"has the name of plugin 'topk' \(built into slimfit-accel\)"):
+        StrategyRegistry.load()
+
+
+def test_two_entry_points_with_one_name_and_different_modules_are_an_error(site):
+    from slimfit_accel.errors import PluginError
+    from slimfit_accel.plugins import StrategyRegistry
+
+    fake_distribution(site, "slimfit-alpha", {"fancy": "alpha_plugin"}, {"alpha_plugin": TOPK_PLUGIN.format(name="alpha")})
+    fake_distribution(site, "slimfit-beta", {"fancy": "beta_plugin"}, {"beta_plugin": TOPK_PLUGIN.format(name="beta")})
+    with pytest.raises(PluginError) as raised:
+        StrategyRegistry.load()
+    message = str(raised.value)
+    assert message.startswith("plugin 'fancy': two installed entry points")
+    assert "alpha_plugin (distribution 'slimfit-alpha')" in message and "beta_plugin (distribution 'slimfit-beta')" in message
+
+
+def test_the_same_entry_point_listed_twice_loads_once(site, tmp_path_factory, monkeypatch):
+    from slimfit_accel.plugins import StrategyRegistry
+
+    fake_distribution(site, "slimfit-alpha", {"fancy": "alpha_plugin"}, {"alpha_plugin": TOPK_PLUGIN.format(name="alpha")})
+    again = tmp_path_factory.mktemp("again")  # e.g. an editable install next to a regular one
+    fake_distribution(again, "slimfit-alpha", {"fancy": "alpha_plugin"}, {})
+    monkeypatch.syspath_prepend(str(again))
+    registry = StrategyRegistry.load()
+    assert registry.strategies["compressor"]["alpha"].plugin == "fancy"
+
+
+def test_builtins_load_with_no_entry_points_at_all(monkeypatch):
+    from importlib import metadata
+
+    from slimfit_accel import plugins
+
+    monkeypatch.delenv("SLIMFIT_ACCEL_PLUGINS", raising=False)
+    monkeypatch.setattr(plugins.metadata, "entry_points", lambda **_: metadata.EntryPoints(()))
+    registry = plugins.StrategyRegistry.load()
+    assert sorted(registry.strategies["scheduler"]) == ["ils", "progressive", "random_layers", "static"]
+    assert {"topk", "int8", "bitmask", "none"} <= set(registry.strategies["compressor"])
+    assert sorted(registry.strategies["scorer"]) == ["grad_norm", "random", "weight_delta"]
+    assert all(row["builtin"] for row in registry.describe())
+    assert len(registry.describe()) == len(plugins.BUILTIN_PLUGINS)
