@@ -50,6 +50,8 @@ def build(arch: str) -> torch.nn.Module:
     elif arch == "t5":
         model = t.T5ForConditionalGeneration(t.T5Config(d_model=64, d_kv=16, d_ff=256, num_layers=2, num_decoder_layers=2,
                                                         num_heads=4, decoder_start_token_id=0, **common))
+    elif arch == "gemma":  # not in ARCHITECTURES: its RMSNorm computes (1 + w) * x_hat, the swaps must tell
+        model = t.GemmaForCausalLM(t.GemmaConfig(num_key_value_heads=2, head_dim=16, **decoder, **common))
     elif arch == "vit":
         model = t.ViTForImageClassification(t.ViTConfig(image_size=32, patch_size=4, num_channels=3, hidden_size=64,
                                                         num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,

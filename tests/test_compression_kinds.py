@@ -48,6 +48,86 @@ def test_rmsnorms_are_told_by_what_they_compute():
     assert not is_rmsnorm(GemmaStyle(16)) and not is_rmsnorm(nn.LayerNorm(16)) and not is_rmsnorm(nn.Linear(4, 4))
 
 
+class FakeRMSNorm(nn.Module):  # named and built like an RMSNorm, computes an L1 normalisation
+    def __init__(self, n):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.randn(n)), 1e-6
+
+    def forward(self, x):
+        return self.weight * x / (x.abs().mean(-1, keepdim=True) + self.eps)
+
+
+class IgnoresItsScale(nn.Module):  # an RMSNorm without affine scale that still holds a weight of ones
+    def __init__(self, n):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(n)), 1e-6
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+def partitioned(module: nn.Module) -> nn.Module:
+    """``module`` with its parameters emptied as ZeRO-3 leaves them after ``accelerator.prepare``
+    (no data, the full shape in ``ds_shape``)."""
+    for param in module.parameters():
+        param.ds_shape = param.shape
+        param.data = torch.empty(0, dtype=param.dtype)
+    return module
+
+
+@pytest.mark.parametrize("without_data", ["zero3", "meta"])
+def test_rmsnorms_without_weight_data_are_still_told_by_what_they_compute(without_data):
+    """No name fallback: a same-class copy with random weights of the full shape is probed."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    empty = partitioned if without_data == "zero3" else (lambda module: module.to("meta"))
+    llama, gemma, fake = empty(LlamaRMSNorm(16)), empty(GemmaRMSNorm(16)), empty(FakeRMSNorm(16))
+    assert is_rmsnorm(llama)
+    assert not is_rmsnorm(gemma), "GemmaRMSNorm computes (1 + w) * x_hat: swapped it would be w * x_hat"
+    assert not is_rmsnorm(fake)
+    assert llama.weight.numel() == 0 or llama.weight.is_meta  # the probe never touched the module's own weight
+
+
+def test_a_norm_that_ignores_its_weight_is_not_swapped_though_its_weight_is_ones():
+    assert not is_rmsnorm(IgnoresItsScale(16))  # w = 1 now; swapped, w * x_hat once the weight trains
+
+
+def test_gated_mlps_without_weight_data_are_swapped_by_what_they_compute():
+    from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
+
+    config = LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=2, num_key_value_heads=2, hidden_act="silu")
+    mlp = partitioned(LlamaMLP(config))
+    assert swap_gated_mlps(mlp)[0] == [mlp] and mlp._slimfit_swap == ("gate_proj", "up_proj", "down_proj", "act_fn")
+    odd = partitioned(UpFirst())
+    assert swap_gated_mlps(odd)[0] == [odd] and odd._slimfit_swap == ("a", "b", "c", "act")
+
+
+def test_gemma_output_and_gradients_are_unchanged_by_the_swaps():
+    """Gemma's norms compute (1 + w) * x_hat (they stay as they are); its gated MLPs are swapped."""
+    from test_compression_architectures import batch, build
+
+    model = build("gemma").eval()  # no dropout: the same forward in both runs
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(torch.randn_like(param))
+    inputs = batch("gemma")
+    want = model(**inputs)
+    want.loss.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with compressed_activations(model, CompressionPolicy(), compressors=FACTORIES) as engine:  # stores all exactly
+        swapped = {type(m).__name__ for m in model.modules() if "_slimfit_swap" in m.__dict__}
+        got = model(**inputs)
+    got.loss.backward()
+    assert swapped == {"GemmaMLP"}
+    assert engine.stats.raw_bytes > 0
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, want_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("trainable", [True, False])
 def test_rmsnorm_swap_is_exact(trainable):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm

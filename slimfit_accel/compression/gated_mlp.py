@@ -12,8 +12,9 @@ has one 4-bit factor, as it had when the activation module kept ``g`` in 4 bits)
 A module is swapped because of what it computes, not its class name: its children are exactly
 three projections (two-dimensional weights) and one parameterless activation, and on a probe
 input its own forward equals ``down(act(gate(x)) * up(x))`` for one assignment of the
-projections. Anything else (dropout inside, a fused gate-up projection, no data to probe with
-under ZeRO-3) keeps its own forward.
+projections. The probe runs on a same-class copy with random weights (``probe.py``), so it also
+decides on ZeRO-3 partitions and meta weights. Anything else (dropout inside, a fused gate-up
+projection) keeps its own forward.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from .kinds import _activation_kind, _is_projection
+from .probe import full_shape, probe_copy, probe_input
 from .roles import tag_role
 from .swaps import swap_forwards
 
@@ -64,24 +66,25 @@ def _assignment(module: nn.Module) -> tuple[str, str, str, str] | None:
     projections = [name for name, child in children.items() if _is_projection(child)]
     if len(children) != 4 or len(acts) != 1 or len(projections) != 3 or any(True for _ in module.parameters(recurse=False)):
         return None
-    weights = {name: children[name].weight for name in projections}
-    if any(w.numel() == 0 or w.device.type == "meta" for w in weights.values()):
-        return None  # no data to probe with (ZeRO-3 partition)
-    act = children[acts[0]]
-    for gate, up, down in permutations(projections):
-        wg, wu, wd = weights[gate], weights[up], weights[down]
-        if not (wg.shape == wu.shape and wd.shape[1] == wg.shape[0] and wd.shape[0] == wg.shape[1]):
-            continue
-        try:
-            with torch.no_grad():
-                generator = torch.Generator().manual_seed(0)
-                x = torch.randn(3, wg.shape[1], generator=generator).to(wg.device, wg.dtype)
-                got = type(module).forward(module, x)
-                want = children[down](act(children[gate](x)) * children[up](x))
-            if isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=1e-4, atol=1e-5):
-                return gate, up, down, acts[0]
-        except Exception:  # a forward that needs other arguments is not a plain gated MLP
-            return None
+    shapes = {name: full_shape(children[name].weight) for name in projections}
+    candidates = [
+        (gate, up, down) for gate, up, down in permutations(projections)
+        if shapes[gate] == shapes[up] and shapes[down] == shapes[gate][::-1]
+    ]
+    if not candidates:
+        return None
+    try:
+        with torch.no_grad():
+            probe = probe_copy(module)
+            twins = probe._modules
+            x = probe_input(3, twins[candidates[0][0]].weight)  # the gate's input width
+            got = type(module).forward(probe, x)
+            for gate, up, down in candidates:
+                want = twins[down](twins[acts[0]](twins[gate](x)) * twins[up](x))
+                if isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=1e-4, atol=1e-5):
+                    return gate, up, down, acts[0]
+    except Exception:  # a forward that needs other arguments is not a plain gated MLP
+        return None
     return None
 
 

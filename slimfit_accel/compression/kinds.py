@@ -21,6 +21,8 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
+from .probe import full_shape
+
 _NOT_ELEMENTWISE = (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.MultiheadAttention, nn.Softmax2d)
 _ACTIVATION_MODULES = ("torch.nn.modules.activation", "transformers.activations")
 _ACTIVATION_NAMES = ("*GELU*", "*SiLU*", "*Swish*", "*Mish*", "*Activation")
@@ -28,7 +30,7 @@ _ACTIVATION_NAMES = ("*GELU*", "*SiLU*", "*Swish*", "*Mish*", "*Activation")
 
 def _is_projection(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
-    return isinstance(weight, nn.Parameter) and weight.dim() == 2 and not isinstance(module, nn.Embedding)
+    return isinstance(weight, nn.Parameter) and len(full_shape(weight)) == 2 and not isinstance(module, nn.Embedding)
 
 
 def _activation_kind(module: nn.Module) -> str:

@@ -7,10 +7,11 @@ keeps only ``x_hat`` (role ``normalized``) and 1/rms (role ``rstd``): the input 
 ``rstd * (g*w - x_hat * mean(g*w*x_hat))`` and the scale's gradient ``sum(g * x_hat)``. With
 the scale frozen, ``x_hat`` (values of order 1 in every row) quantizes well.
 
-A module is swapped because of what it computes, not its class name: it has one 1-D ``weight``
-over the last dimension, an epsilon attribute, and on a probe input its own forward gives
-``weight * x * rsqrt(mean(x^2) + eps)``. (When its weight has no data to probe with, e.g. a
-ZeRO-3 partition, a class name ending in ``RMSNorm`` is taken instead.)
+A module is swapped because of what it computes, never its class name: it has one 1-D ``weight``
+over the last dimension, an epsilon attribute, and on a probe input its own forward, run on a
+same-class copy with a random weight (``probe.py``: also when its own weight is a ZeRO-3
+partition or on the meta device), gives ``weight * x * rsqrt(mean(x^2) + eps)``. Gemma's
+``(1 + weight) * x_hat`` is not one, nor a norm that holds a weight of ones and ignores it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .probe import full_shape, probe_copy, probe_input
 from .roles import tag_role
 from .swaps import swap_forwards
 
@@ -73,16 +75,16 @@ def is_rmsnorm(module: nn.Module) -> bool:
     """Whether ``module`` computes ``weight * x * rsqrt(mean(x^2) + eps)`` over the last dim."""
     weight = getattr(module, "weight", None)
     eps = _eps(module)
-    if not isinstance(weight, nn.Parameter) or weight.dim() != 1 or eps is None or isinstance(module, nn.LayerNorm):
+    if not isinstance(weight, nn.Parameter) or len(full_shape(weight)) != 1 or eps is None or isinstance(module, nn.LayerNorm):
         return False
     if [n for n, _ in module.named_parameters()] != ["weight"] or any(True for _ in module.children()):
         return False
-    if weight.numel() == 0 or weight.device.type == "meta":  # no data to probe with (ZeRO-3 partition)
-        return type(module).__name__.endswith("RMSNorm")
     try:
         with torch.no_grad():
-            x = torch.randn(3, weight.numel(), generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
-            got = type(module).forward(module, x)
+            probe = probe_copy(module)
+            weight = probe.weight
+            x = probe_input(3, weight)
+            got = type(module).forward(probe, x)
             x32 = x.float()
             want = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
         return isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=1e-4, atol=1e-5)
