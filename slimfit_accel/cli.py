@@ -76,6 +76,7 @@ def _plugins(as_json: bool) -> int:
 
 
 def _check_config(path: str, model_path: str | None, task: str | None) -> int:
+    from .never_trained import never_trained
     from .slimfit import SlimFit
 
     slimfit = SlimFit.from_config(path)
@@ -85,6 +86,10 @@ def _check_config(path: str, model_path: str | None, task: str | None) -> int:
         slimfit.prepare_model(model)
         units = slimfit.units
         message += f"; {len(units.schedulable)} schedulable and {len(units.always_trained)} always-trained units in {type(model).__name__}"
+        never = never_trained(slimfit.scheduler, units.schedulable)
+        if never:
+            names = ", ".join(list(never)[:3]) + (" ..." if len(never) > 3 else "")
+            message += f"; {len(never)} the scheduler can never pick, which keep their loaded weights: {names}"
         message += f"; {_first_decision(slimfit)}"
     print(message)
     return 0

@@ -24,6 +24,10 @@ per-step and per-tensor hot paths never go through pluggy dispatch. Their interf
 ``Scorer``, ``Scheduler`` and ``Compressor`` protocols below. Every answer a strategy gives is
 validated (unknown unit names, wrong shapes, NaN scores) and an error names the plugin.
 
+The built-ins are registered in code, not through the entry-point group; a plugin whose name,
+or a strategy name it registers, is already taken (by a built-in or another plugin) is an error
+naming both, never a silent replacement.
+
 Copy ``strategies/scheduling/static.py`` for a minimal working example.
 """
 
@@ -148,6 +152,13 @@ class Scheduler(Protocol):
     schedulable unit is frozen for that step. It must be a pure function of ``ctx`` and the
     scheduler's own state, so every rank makes the same choice. A scheduler with state may add
     ``state_dict()``/``load_state_dict()``; the controller checkpoints it.
+
+    Optional: ``never_trained(units: Sequence[UnitInfo]) -> Mapping[str, str]``, the units this
+    scheduler can never select among ``units`` whatever their scores, each with why, in a short
+    phrase (ILS with ``budget: parameters``: units larger than the step budget). SlimFit says so
+    once at ``attach``, leaves them out of ``summary()``'s candidates and lists them in the
+    report. Answers are checked (a mapping of known unit names to strings); leave it out when
+    every unit can be picked.
     """
 
     def select(self, ctx: ScheduleContext) -> Collection[str]: ...

@@ -18,7 +18,9 @@ class SlimFitReport:
     """Freeze statistics after ``steps`` optimizer steps, and memory by category.
 
     ``mean_trainable_fraction`` is the average share of schedulable elements trained per step;
-    ``trained_steps`` counts, per unit, the steps it was trained in.
+    ``trained_steps`` counts, per unit, the steps it was trained in. ``never_trainable`` names
+    the units the scheduler can never pick (unit -> why, e.g. larger than ILS's step budget):
+    they keep their loaded weights, and ``never_trainable_params`` counts their parameters.
     """
 
     steps: int
@@ -32,6 +34,8 @@ class SlimFitReport:
     trained_steps: dict[str, int] = field(default_factory=dict)
     scoring_snapshot_bytes_last_step: int = 0
     memory: MemoryReport | None = None
+    never_trainable: dict[str, str] = field(default_factory=dict)
+    never_trainable_params: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,6 +56,8 @@ class SlimFitReport:
             ("units never trained", f"{self.never_trained_units}"),
             ("scorer snapshot, last step", format_bytes(self.scoring_snapshot_bytes_last_step)),
         ]
+        if self.never_trainable:
+            rows.append(("units the scheduler can never pick", f"{len(self.never_trainable)} ({self.never_trainable_params:,d} params)"))
         if self.trained_steps:
             counts = sorted(self.trained_steps.values())
             rows.append(("steps trained per unit (min / median / max)", f"{counts[0]} / {counts[len(counts) // 2]} / {counts[-1]}"))
@@ -59,12 +65,18 @@ class SlimFitReport:
             table.add_row(*row)
         out = io.StringIO()
         Console(file=out, width=width, force_terminal=False, color_system=None).print(table)
-        text = out.getvalue()
+        text = out.getvalue() + "".join(
+            f"never trained (the scheduler cannot pick it): {name}: {why}\n" for name, why in self.never_trainable.items()
+        )
         return text + self.memory.render(width) if self.memory is not None else text
 
 
-def build_report(controller: FreezeController, memory: MemoryReport | None = None) -> SlimFitReport:
+def build_report(
+    controller: FreezeController, memory: MemoryReport | None = None, never_trainable: dict[str, str] | None = None
+) -> SlimFitReport:
     stats = controller.stats
+    never_trainable = dict(never_trainable or {})
+    numel = {u.name: u.numel for u in controller.units.schedulable}
     return SlimFitReport(
         steps=stats.steps,
         scorer=controller.scorer.registration.name,
@@ -77,4 +89,6 @@ def build_report(controller: FreezeController, memory: MemoryReport | None = Non
         trained_steps=dict(stats.trained_steps),
         scoring_snapshot_bytes_last_step=controller.last_snapshot_bytes,
         memory=memory,
+        never_trainable=never_trainable,
+        never_trainable_params=sum(numel[name] for name in never_trainable),
     )

@@ -34,6 +34,7 @@ from .config import SlimFitConfig, load_config
 from .controller import FreezeController
 from .errors import IntegrationError
 from .memory import MemoryMeter, gather_ranks
+from .never_trained import never_trained, startup_message
 from .paging import OptimizerPaging
 from .plugins import StrategyRegistry
 from .report import SlimFitReport, build_report
@@ -98,12 +99,15 @@ class SlimFit:
         return model
 
     def summary(self) -> ParameterSummary:
-        """Parameter counts: trainable (as PEFT counts them), SlimFit candidates, always trained,
-        trained this step. ``print(slimfit.summary())`` gives a ``print_trainable_parameters`` line."""
+        """Parameter counts: trainable (as PEFT counts them), SlimFit candidates, never trained (units
+        the scheduler cannot pick), always trained, trained this step. ``print(slimfit.summary())``
+        gives a ``print_trainable_parameters`` line."""
         if self.units is None:
             raise IntegrationError("nothing to summarise: call slimfit.prepare_model(model) first")
-        candidates = sum(u.numel for u in self.units.schedulable)
-        always = sum(self._trainable.values()) - candidates
+        never = set(never_trained(self.scheduler, self.units.schedulable))
+        never_numel = sum(u.numel for u in self.units.schedulable if u.name in never)
+        candidates = sum(u.numel for u in self.units.schedulable) - never_numel
+        always = sum(self._trainable.values()) - candidates - never_numel
         if self.controller is None:
             this_step = candidates
         else:
@@ -115,6 +119,7 @@ class SlimFit:
             candidates=candidates,
             always_trained=always,
             trained_this_step=always + this_step,
+            never_trained=never_numel,
         )
 
     def print_trainable_parameters(self) -> None:
@@ -130,6 +135,10 @@ class SlimFit:
         """
         if self.units is None:
             raise IntegrationError("call slimfit.prepare_model(model) before accelerator.prepare and attach()")
+        never = never_trained(self.scheduler, self.units.schedulable)
+        if never:  # said once, before training: these units keep their loaded weights
+            total = sum(full_numel(p) for p in self.model.parameters())
+            warnings.warn(startup_message(self.scheduler, never, self.units.schedulable, total), stacklevel=2)
         if accelerator is not None:
             check_launch(accelerator.distributed_type, accelerator.num_processes)
         backend = self._backend(accelerator, model, optimizer)
@@ -184,7 +193,7 @@ class SlimFit:
         memory = self.memory.summary() if self.memory is not None else None
         if gather and memory is not None:
             memory = gather_ranks(memory)
-        return build_report(self.controller, memory)
+        return build_report(self.controller, memory, never_trained(self.scheduler, self.units.schedulable))
 
     def detach(self) -> None:
         """Stop: every unit trainable again (parameters the user froze stay frozen: they are not

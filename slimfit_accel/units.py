@@ -52,10 +52,11 @@ class ParameterSummary:
     """Parameter counts: PEFT's ``print_trainable_parameters`` numbers plus SlimFit's split.
 
     ``trainable``: parameters with ``requires_grad`` after ``prepare_model`` (PEFT's "trainable
-    params"); ``candidates``: those in units the scheduler picks from; ``always_trained``: the
-    rest of ``trainable`` (``always_train`` units, biases, norm shifts); ``trained_this_step``:
-    ``always_trained`` plus the units picked for the current step. ``str()`` gives one line;
-    percentages are of all parameters, as PEFT's are.
+    params"); ``candidates``: those in units the scheduler picks from; ``never_trained``: those in
+    units it can never pick (e.g. larger than ILS's step budget), which keep their loaded
+    weights; ``always_trained``: the rest of ``trainable`` (``always_train`` units, biases, norm
+    shifts); ``trained_this_step``: ``always_trained`` plus the units picked for the current
+    step. ``str()`` gives one line; percentages are of all parameters, as PEFT's are.
     """
 
     total: int
@@ -63,21 +64,19 @@ class ParameterSummary:
     candidates: int
     always_trained: int
     trained_this_step: int
+    never_trained: int = 0
 
     def percent(self, count: int) -> float:
         return 100.0 * count / self.total if self.total else 0.0
 
     def __str__(self) -> str:
+        counts = [("SlimFit candidates", self.candidates)]
+        if self.never_trained:
+            counts.append(("never trained (the scheduler cannot pick them)", self.never_trained))
+        counts += [("always trained", self.always_trained), ("trained this step", self.trained_this_step)]
         parts = [
             f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || trainable%: {self.percent(self.trainable):.4f}",
-            *(
-                f"{label}: {count:,d} ({self.percent(count):.4f}%)"
-                for label, count in (
-                    ("SlimFit candidates", self.candidates),
-                    ("always trained", self.always_trained),
-                    ("trained this step", self.trained_this_step),
-                )
-            ),
+            *(f"{label}: {count:,d} ({self.percent(count):.4f}%)" for label, count in counts),
         ]
         return " || ".join(parts)
 

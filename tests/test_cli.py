@@ -51,6 +51,18 @@ def test_check_config_catches_a_static_pattern_that_matches_nothing(models, tmp_
     assert "pattern '*.layer.99.*' matches no unit" in err and len(err.strip().splitlines()) == 1
 
 
+def test_check_config_names_units_the_scheduler_can_never_pick(models, tmp_path, capsys):
+    config = tmp_path / "tight.yaml"
+    config.write_text("scheduler: {name: ils, freeze_ratio: 0.95, budget: parameters}\n")
+    assert main(["check-config", str(config), "--model", str(models["bert"])]) == 0
+    out = capsys.readouterr().out
+    assert "the scheduler can never pick, which keep their loaded weights: bert.embeddings.position_embeddings.weight" in out
+    roomy = tmp_path / "roomy.yaml"
+    roomy.write_text("scheduler: {name: ils, freeze_ratio: 0.5, budget: parameters}\n")
+    assert main(["check-config", str(roomy), "--model", str(models["bert"])]) == 0
+    assert "never pick" not in capsys.readouterr().out
+
+
 def test_check_config_task_override(models, capsys):
     packaged = str(Path(__file__).resolve().parents[1] / "slimfit_accel" / "configs" / "demo.yaml")
     assert main(["check-config", packaged, "--model", str(models["vit"]), "--task", "image"]) == 0

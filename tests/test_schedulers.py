@@ -158,8 +158,12 @@ def test_ils_parameter_budget_bounds_what_one_step_trains():
     # 200 parameters, ratio 0.8: at most 40 train. Highest priority first; a unit that no longer
     # fits is passed over for smaller ones (u6, 60, never fits; u0, 100, neither).
     context = budget_ctx([100, 10, 10, 10, 5, 5, 60], [9, 8, 1, 7, 6, 0.5, 5])
-    with pytest.warns(UserWarning, match=r"2 unit\(s\) hold more than the step budget of 40 parameters"):
-        chosen = ILS(0.8, budget="parameters").select(context)
+    assert ILS(0.8, budget="parameters").never_trained(context.units) == {
+        "0.weight": "100 parameters, more than the step budget of 40 (1 - freeze_ratio 0.8)",
+        "6.weight": "60 parameters, more than the step budget of 40 (1 - freeze_ratio 0.8)",
+    }
+    assert ILS(0.8).never_trained(context.units) == {}  # by units, any unit can win
+    chosen = ILS(0.8, budget="parameters").select(context)
     assert chosen == ["1.weight", "2.weight", "3.weight", "4.weight", "5.weight"]  # 40 exactly
     # By units the same ratio freezes floor(0.8 * 7) = 5 units: the 2 highest train, whatever their size.
     assert ILS(0.8).select(context) == ["0.weight", "1.weight"]

@@ -17,8 +17,8 @@ the steps since it last trained, raised to ``age_exponent``:
 * ``parameters``: the units trained in a step hold at most (1 - r) of the schedulable parameters.
   Units are taken in priority order and one that no longer fits is passed over for smaller ones,
   so the gradients and resident optimizer state of a step are bounded by the ratio, which is
-  what makes its memory predictable. A unit larger than the whole budget never trains (a
-  warning names it once).
+  what makes its memory predictable. A unit larger than the whole budget never trains:
+  ``never_trained`` names it, and SlimFit says so at start-up, in its summary and its report.
 
 Units never trained have huge random scores, so every unit trains once, in a seeded random
 order, before any trains twice (under ``parameters``, every unit that fits the budget).
@@ -27,11 +27,10 @@ order, before any trains twice (under ``parameters``, every unit that fits the b
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
-from slimfit_accel.hookspecs import ScheduleContext, hookimpl
+from slimfit_accel.hookspecs import ScheduleContext, UnitInfo, hookimpl
 
 
 @dataclass
@@ -43,7 +42,6 @@ class ILS:
     freeze_ratio: float = 0.9
     age_exponent: float = 0.0
     budget: Literal["units", "parameters"] = "units"
-    _warned: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.freeze_ratio < 1.0:
@@ -69,24 +67,25 @@ class ILS:
         these sizes: (1 - freeze_ratio) of their total."""
         return math.floor((1.0 - self.freeze_ratio) * sum(numels) + 1e-6)
 
+    def never_trained(self, units: Sequence[UnitInfo]) -> dict[str, str]:
+        """With ``budget: parameters``, the units larger than the whole step budget: never picked."""
+        if self.budget != "parameters":
+            return {}
+        budget = self.step_budget([u.numel for u in units])
+        return {
+            u.name: f"{u.numel:,d} parameters, more than the step budget of {budget:,d} (1 - freeze_ratio {self.freeze_ratio})"
+            for u in units
+            if u.numel > budget
+        }
+
     def _within_budget(self, ctx: ScheduleContext, priority: list[float]) -> list[str]:
         """Highest priority first, each unit that still fits (1 - freeze_ratio) of the parameters."""
         units = ctx.units
         budget = self.step_budget([u.numel for u in units])
-        too_large = [u.name for u in units if u.numel > budget]
-        if len(too_large) == len(units):
+        if len(self.never_trained(units)) == len(units):
             raise ValueError(
                 f"freeze_ratio {self.freeze_ratio} with budget 'parameters' leaves {budget:,.0f} parameters a "
                 f"step, less than the smallest unit ({min(u.numel for u in units):,}); lower freeze_ratio"
-            )
-        if too_large and not self._warned:
-            self._warned = True
-            warnings.warn(
-                f"ils: {len(too_large)} unit(s) hold more than the step budget of {budget:,.0f} parameters "
-                f"(1 - freeze_ratio {self.freeze_ratio}) and never train: {too_large[:3]}"
-                f"{' ...' if len(too_large) > 3 else ''}. Lower freeze_ratio, or put them in "
-                f"units.exclude / units.always_train to say so.",
-                stacklevel=2,
             )
         chosen, used = set(), 0
         for i in sorted(range(len(units)), key=lambda i: (-priority[i], i)):
