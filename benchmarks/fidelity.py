@@ -141,7 +141,7 @@ def arm_fingerprint(arm: dict[str, Any]) -> str:
 def load_data(setting: dict[str, int], split_seed: int, max_length: int, model_path: str):
     from transformers import AutoTokenizer
 
-    from slimfit_accel.rotten_tomatoes import load_rotten_tomatoes, tokenize_splits
+    from slimfit_accel.recipes.rotten_tomatoes import load_rotten_tomatoes, tokenize_splits
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     splits = load_rotten_tomatoes(setting["train_size"], setting["test_size"], seed=split_seed)

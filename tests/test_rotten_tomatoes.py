@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 
 from slimfit_accel.recipes import rotten_tomatoes
-from slimfit_accel.rotten_tomatoes import load_rotten_tomatoes, tokenize_splits  # the old import path still works
+from slimfit_accel.recipes.rotten_tomatoes import load_rotten_tomatoes, tokenize_splits
 
 
 @pytest.fixture(scope="module")
