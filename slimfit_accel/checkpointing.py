@@ -14,6 +14,9 @@ gradients, and a frozen linear layer saves no input in the recomputation either.
 The recomputed block's saved tensors are alive only during its backward; they are added to the
 memory meter's live activation bytes (as ``recomputed``) while they are.
 
+The patched forward is bound to each block and reads its state from the block, so a
+``copy.deepcopy`` of the model checkpoints on its own weights and ``torch.save(model)`` works.
+
 Example::
 
     checkpointing = BlockCheckpointing(model, blocks="all").attach()
@@ -25,7 +28,8 @@ Example::
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Literal, Sequence
+from functools import partial
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .compression.accounting import ByteCounter, tensor_bytes
 from .compression.roles import tag_role
+from .compression.swaps import bind_forward
 from .errors import ConfigError
 from .units import find_blocks
 
@@ -89,42 +94,62 @@ class BlockCheckpointing:
             module = self.model.get_submodule(path)
             if "forward" in module.__dict__:
                 continue  # already patched on the instance by someone else
-            module.forward = self._make_forward(module, module.forward)
+            module._slimfit_checkpointing = _Owner(self)
+            module.forward = bind_forward(module, _checkpointed_forward)
             self._wrapped.append(module)
         return self
 
     def detach(self) -> None:
         for module in self._wrapped:
             module.__dict__.pop("forward", None)
+            module.__dict__.pop("_slimfit_checkpointing", None)
         self._wrapped = []
 
-    # ---------------------------------------------------------------- the wrapper
-    def _make_forward(self, module: nn.Module, original: Callable[..., Any]) -> Callable[..., Any]:
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            position, x = _first_tensor(args, kwargs)
-            if not torch.is_grad_enabled() or x is None:
-                return original(*args, **kwargs)
-            kwargs = _without_cache(module, kwargs)
-            if not x.requires_grad:  # nothing below trains: torch's checkpoint keeps x itself
-                return checkpoint(original, *args, use_reentrant=False, **kwargs)
-            tag_role(x, "block_input")
-            kept = _KeepForRecompute.apply(x)
-            node = kept.grad_fn
-            box = [kept]
 
-            def run() -> Any:
-                if box:  # the forward pass: the real input, then forget it
-                    call_args, call_kwargs = _replace(args, kwargs, position, box.pop())
-                    return original(*call_args, **call_kwargs)
-                self.recomputations += 1
-                value = node.saved_tensors[0].detach().requires_grad_(True)
-                call_args, call_kwargs = _replace(args, kwargs, position, value)
-                with _CountRecomputed(self.counter):
-                    return original(*call_args, **call_kwargs)
+class _Owner:
+    """The ``BlockCheckpointing`` a patched block reports to (recomputations, recomputed bytes).
 
-            return checkpoint(run, use_reentrant=False)
+    A copy of the model (``copy.deepcopy``, ``torch.save``) keeps its blocks checkpointed, on its
+    own weights, but reports to none: it is not the model that was attached.
+    """
 
-        return forward
+    __slots__ = ("checkpointing",)
+
+    def __init__(self, checkpointing: BlockCheckpointing | None = None):
+        self.checkpointing = checkpointing
+
+    def __reduce__(self) -> tuple:
+        return (_Owner, ())
+
+
+def _checkpointed_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """A checkpointed block's forward, bound to the block (``bind_forward``); everything it
+    needs is read from ``module``, so a copy of the block runs its own weights."""
+    original = partial(type(module).forward, module)
+    owner = module._slimfit_checkpointing.checkpointing
+    position, x = _first_tensor(args, kwargs)
+    if not torch.is_grad_enabled() or x is None:
+        return original(*args, **kwargs)
+    kwargs = _without_cache(module, kwargs)
+    if not x.requires_grad:  # nothing below trains: torch's checkpoint keeps x itself
+        return checkpoint(original, *args, use_reentrant=False, **kwargs)
+    tag_role(x, "block_input")
+    kept = _KeepForRecompute.apply(x)
+    node = kept.grad_fn
+    box = [kept]
+
+    def run() -> Any:
+        if box:  # the forward pass: the real input, then forget it
+            call_args, call_kwargs = _replace(args, kwargs, position, box.pop())
+            return original(*call_args, **call_kwargs)
+        if owner is not None:
+            owner.recomputations += 1
+        value = node.saved_tensors[0].detach().requires_grad_(True)
+        call_args, call_kwargs = _replace(args, kwargs, position, value)
+        with _CountRecomputed(owner.counter if owner is not None else None):
+            return original(*call_args, **call_kwargs)
+
+    return checkpoint(run, use_reentrant=False)
 
 
 def _without_cache(module: nn.Module, kwargs: dict) -> dict:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 
@@ -68,3 +71,76 @@ def test_blocks_by_count_and_index():
     assert select_blocks(paths, [3, -4]) == ["layer.0", "layer.3"]
     with pytest.raises(ConfigError, match=r"out of range.*4 blocks"):
         select_blocks(paths, [4])
+
+
+def attached_llama(checkpointing: bool = True) -> tuple[SlimFit, torch.nn.Module]:
+    """A tiny Llama with SlimFit attached: compression (norm and gated-MLP swaps, the engine's
+    hooks) and, if asked, every block checkpointed."""
+    config = {"scheduler": {"name": "ils", "freeze_ratio": 0.5}, "compression": "slimfit"}
+    if checkpointing:
+        config["checkpointing"] = {"blocks": "all"}
+    slimfit = SlimFit.from_config(config)
+    model = slimfit.prepare_model(build("llama").eval())  # eval: no dropout, every forward the same
+    slimfit.attach(None, model, torch.optim.SGD(model.parameters(), lr=0.0))
+    return slimfit, model
+
+
+def logits_and_grads(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward and backward outside a SlimFit step: exact (nothing frozen or compressed),
+    through the checkpointed blocks and the swapped modules."""
+    model.zero_grad(set_to_none=True)
+    out = model(**batch("llama"))
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(got: tuple, want: tuple) -> None:
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    assert got[1].keys() == want[1].keys() and got[1]
+    for name, grad in want[1].items():
+        torch.testing.assert_close(got[1][name], grad, rtol=1e-4, atol=1e-5, msg=name)  # the swapped backward rounds otherwise
+
+
+def patched(model: torch.nn.Module) -> set[str]:
+    return {name for name, module in model.named_modules() if "forward" in module.__dict__}
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_a_deep_copy_runs_its_own_weights(checkpointing):
+    slimfit, model = attached_llama(checkpointing)
+    twin = copy.deepcopy(model)
+    assert patched(twin) == patched(model) and patched(model)  # the copy keeps the swaps and checkpointing
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in twin.parameters():
+            param.add_(0.5 * torch.randn(param.shape, generator=generator))
+    fresh = build("llama").eval()
+    fresh.load_state_dict(twin.state_dict())
+    recomputed = slimfit.checkpointing.recomputations if checkpointing else 0
+    got, original = logits_and_grads(twin), logits_and_grads(model)
+    assert not torch.allclose(got[0], original[0], atol=1e-2)
+    assert_same(got, logits_and_grads(fresh))
+    if checkpointing:  # the original's recomputations only: the copy is not part of this SlimFit
+        assert slimfit.checkpointing.recomputations == recomputed + len(model.model.layers)
+    slimfit.detach()
+    assert not patched(model) and patched(twin)
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_torch_save_and_load_of_an_attached_model(checkpointing):
+    slimfit, model = attached_llama(checkpointing)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert patched(loaded) == patched(model)
+    assert not {id(p) for p in loaded.parameters()} & {id(p) for p in model.parameters()}
+    assert_same(logits_and_grads(loaded), logits_and_grads(model))
+    with torch.no_grad():
+        loaded.model.norm.weight.add_(1.0)
+        loaded.model.layers[0].mlp.up_proj.weight.mul_(2.0)
+    fresh = build("llama").eval()
+    fresh.load_state_dict(loaded.state_dict())
+    assert_same(logits_and_grads(loaded), logits_and_grads(fresh))
+    # a loaded copy still trains in a SlimFit step of its own
+    slimfit.detach()

@@ -59,6 +59,24 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
     return None
 
 
+class _Hook:
+    """One of a context's forward hooks on a module. A copy of the model (``copy.deepcopy``,
+    ``torch.save``) gets an inert one: the copy is not the model the context watches, and the
+    closure it calls cannot be pickled."""
+
+    __slots__ = ("call",)
+
+    def __init__(self, call: Any = None):
+        self.call = call
+
+    def __call__(self, *args: Any) -> None:
+        if self.call is not None:
+            self.call(*args)
+
+    def __reduce__(self) -> tuple:
+        return (_Hook, ())
+
+
 class ModuleContext:
     """Forward hooks on every submodule of ``model`` that keep a stack of running modules.
 
@@ -87,8 +105,8 @@ class ModuleContext:
             named = module.named_parameters(recurse=False) if own else module.named_parameters()
             weights = tuple(p for name, p in named if name.rsplit(".", 1)[-1] != "bias")
             push = self._make_push(path, type(module).__name__, own, weights, kinds.get(path, ""))
-            self._handles.append(module.register_forward_pre_hook(push, with_kwargs=True))
-            self._handles.append(module.register_forward_hook(self._pop, always_call=True))
+            self._handles.append(module.register_forward_pre_hook(_Hook(push), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(_Hook(self._pop), always_call=True))
 
     def detach(self) -> None:
         for handle in self._handles:
