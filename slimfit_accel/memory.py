@@ -4,7 +4,8 @@ Every figure is a sum of ``numel * element_size`` over real tensors, not an allo
 so it means the same on CPU, CUDA or anything else:
 
 - ``params``: model parameters, each storage once (tied weights once); under DeepSpeed ZeRO-3 the
-  rank's partition (``param.ds_tensor``).
+  rank's partition (``param.ds_tensor``). Under FSDP2 every figure counts this rank's shard of a
+  ``DTensor`` (parameters, gradients, optimizer state).
 - ``grads``: gradients alive, followed as backward creates them (post-accumulate-grad hooks) and
   as they are freed (``zero_grad(set_to_none=True)``); the figure is the peak within the step.
   Under DeepSpeed the fp32 partitions' gradients are counted at the optimizer step.
@@ -54,17 +55,20 @@ from torch import nn
 
 from .compression.engine import CompressionEngine
 from .compression.policy import CompressionPolicy
+from .integrations.fsdp import is_dtensor, local_shard
 from .paging import is_paged
 
 CATEGORIES = ("params", "grads", "optimizer", "activations", "activations_raw", "total")
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
+    tensor = local_shard(tensor)  # FSDP2: this rank's bytes
     return tensor.numel() * tensor.element_size()
 
 
 def _key(tensor: torch.Tensor) -> tuple[int, int]:
     """Identity of the memory a tensor covers: two views of the same bytes count once."""
+    tensor = local_shard(tensor)
     return (tensor.data_ptr(), _nbytes(tensor))
 
 
@@ -146,7 +150,7 @@ def _covered_bytes(tensors: list[torch.Tensor]) -> int:
     """Bytes the tensors cover, each byte once: views may overlap (during a ZeRO step the
     optimizer holds slices of DeepSpeed's flat partitions and state next to the flat tensors)."""
     spans: dict[int, list[tuple[int, int]]] = {}
-    for tensor in tensors:
+    for tensor in map(local_shard, tensors):
         if tensor.numel():
             start = tensor.data_ptr()
             spans.setdefault(tensor.untyped_storage().data_ptr(), []).append((start, start + _nbytes(tensor)))
@@ -195,23 +199,28 @@ _ZERO_PARTITIONED = {1: "optimizer state", 2: "gradients and optimizer state", 3
 @dataclass
 class RankScope:
     """Whose memory the figures are: this process's, one of ``world_size`` ranks; under
-    DeepSpeed ZeRO (``zero_stage``) the partitioned categories hold only this rank's slice."""
+    DeepSpeed ZeRO (``zero_stage``) the partitioned categories hold only this rank's slice, under
+    FSDP2 (``fsdp2``) every category but activations."""
 
     rank: int = 0
     world_size: int = 1
     zero_stage: int | None = None
+    fsdp2: bool = False
 
     def describe(self) -> str:
-        if self.world_size == 1 and not self.zero_stage:
+        if self.world_size == 1 and not self.zero_stage and not self.fsdp2:
             return "this process"
         text = f"per rank (rank {self.rank} of {self.world_size})"
         if self.zero_stage:
             text += f"; ZeRO-{self.zero_stage}: {_ZERO_PARTITIONED[self.zero_stage]} are this rank's partition"
+        if self.fsdp2:
+            text += "; FSDP2: parameters, gradients and optimizer state are this rank's shard"
         return text
 
 
 def rank_scope(optimizer: Any = None) -> RankScope:
-    """This process's rank and world size, and the ZeRO stage of ``optimizer``'s chain if any."""
+    """This process's rank and world size, and the ZeRO stage of ``optimizer``'s chain if any
+    (or FSDP2: the optimizer steps ``DTensor`` shards)."""
     import torch.distributed as dist
 
     scope = RankScope()
@@ -223,6 +232,8 @@ def rank_scope(optimizer: Any = None) -> RankScope:
             scope.zero_stage = 3
         elif kind == "DeepSpeedZeroOptimizer":
             scope.zero_stage = 2 if getattr(wrapped, "partition_gradients", False) else 1
+        elif isinstance(wrapped, torch.optim.Optimizer):
+            scope.fsdp2 = any(is_dtensor(p) for group in wrapped.param_groups for p in group["params"])
     return scope
 
 

@@ -33,6 +33,7 @@ from .compression import CompressionEngine, CompressionPolicy, slimfit_policy, s
 from .config import SlimFitConfig, load_config
 from .controller import FreezeController
 from .errors import IntegrationError
+from .integrations.fsdp import FSDP1_REFUSAL, FSDP2StepBackend, fsdp_version, init_fsdp2, rebind_units
 from .memory import MemoryMeter, gather_ranks
 from .never_trained import never_trained, startup_message
 from .paging import OptimizerPaging
@@ -141,7 +142,15 @@ class SlimFit:
             warnings.warn(startup_message(self.scheduler, never, self.units.schedulable, total), stacklevel=2)
         if accelerator is not None:
             check_launch(accelerator.distributed_type, accelerator.num_processes)
-        backend = self._backend(accelerator, model, optimizer)
+        sharding = fsdp_version(accelerator, model)
+        if sharding == 1:
+            raise IntegrationError(FSDP1_REFUSAL)
+        if sharding == 2:
+            # fully_shard swapped every parameter: the units follow, by name; FSDP2's lazy init
+            # runs now, with every unit trainable (integrations/fsdp.py says why).
+            self.units = rebind_units(self.units, model)
+            init_fsdp2(model)
+        backend = self._backend(accelerator, model, optimizer, fsdp2=sharding == 2)
         self.controller = FreezeController(
             self.units, self.scorer, self.scheduler, self.registry, seed=self.config.seed, total_steps=total_steps,
             lr_scale=self.config.lr_scale,
@@ -214,7 +223,7 @@ class SlimFit:
                     param.requires_grad_(True)
             self.controller = None
 
-    def _backend(self, accelerator: Any, model: nn.Module, optimizer: Any) -> StepBackend:
+    def _backend(self, accelerator: Any, model: nn.Module, optimizer: Any, fsdp2: bool = False) -> StepBackend:
         from accelerate.utils import DistributedType
 
         if accelerator is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -251,6 +260,15 @@ class SlimFit:
                 f"{len(missing)} unit parameters are not in the optimizer (e.g. {missing[0]!r}). Create the "
                 f"optimizer after slimfit.prepare_model(model), over model.parameters()."
             )
+        if fsdp2:
+            if self.config.optimizer_paging:
+                warnings.warn(
+                    "optimizer_paging has no effect under FSDP2: each rank already holds only its shard of the "
+                    "optimizer state. To keep parameters, gradients and optimizer state on host, use FSDP2's CPU "
+                    "offload (fsdp_offload_params: true in the Accelerate config).",
+                    stacklevel=3,
+                )
+            return FSDP2StepBackend(torch_optimizer)
         paging = OptimizerPaging(torch_optimizer) if self.config.optimizer_paging else None
         return TorchStepBackend(torch_optimizer, paging=paging)
 

@@ -1,8 +1,8 @@
 """Resume under every backend: 10 steps straight == 5 steps + save_state + new process + load_state + 5.
 
 tests/workers/resume_worker.py runs each phase in one launch for several backends (2 processes
-under torchrun: DDP, ZeRO-1, ZeRO-2, ZeRO-2 with CPU offload, ZeRO-3; plain python for a single
-process). The straight run saves at the end of step 5 and after the first micro-batch of step 5;
+under torchrun: DDP, ZeRO-1, ZeRO-2, ZeRO-2 with CPU offload, ZeRO-3, FSDP2 through Accelerate;
+plain python for a single process). The straight run saves at the end of step 5 and after the first micro-batch of step 5;
 a new process loads each and trains on. Compared here: the freeze decision of every step, the
 observer log (no decision announced for a step not trained), scores, and the fp32 weights.
 The straight launch also writes every rank's gathered SlimFit report next to what DeepSpeed
@@ -24,7 +24,8 @@ from conftest import WORKERS
 
 pytestmark = pytest.mark.slow
 
-DISTRIBUTED = ["ddp", "zero1", "zero2", "zero2_offload", "zero3"]
+# fsdp2 before the DeepSpeed runs: a process that has run DeepSpeed builds no CPU Accelerator.
+DISTRIBUTED = ["ddp", "fsdp2", "zero1", "zero2", "zero2_offload", "zero3"]
 SAVE_AT, STEPS = 5, 10
 
 
@@ -67,6 +68,7 @@ def test_resumed_run_matches_the_uninterrupted_one(runs, backend):
     resumed, resumed_state = load(runs / backend, "resumed")
     assert straight["world"] == (1 if backend == "single" else 2)
     assert ("DEEPSPEED" in straight["distributed_type"]) == backend.startswith("zero")
+    assert ("FSDP" in straight["distributed_type"]) == (backend == "fsdp2")
 
     # Same freeze decision at every step, and the sequence really changes over steps.
     assert resumed["decisions"] == [d for d in straight["decisions"] if d[0] >= SAVE_AT]
@@ -80,9 +82,11 @@ def test_resumed_run_matches_the_uninterrupted_one(runs, backend):
     assert torch.equal(resumed_state["scores"], straight_state["scores"])
     diff = max_abs_diff(resumed_state["weights"], straight_state["weights"])
     assert diff <= 1e-6, f"{backend}: weights differ by {diff:.3g} after resuming"
+    if backend == "fsdp2":
+        assert diff == 0.0, f"fsdp2: weights differ by {diff:.3g} after resuming"
 
 
-@pytest.mark.parametrize("backend", ["single", "ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("backend", ["single", "ddp", "zero2", "zero3", "fsdp2"])
 def test_state_saved_mid_accumulation_resumes_the_same_step(runs, backend):
     """Accelerate restores the accumulation position and RNG, not the gradients of micro-batches
     already run, so weights cannot match; the step saved in continues with its own decision, the
@@ -106,10 +110,10 @@ def rank_reports(runs: Path, backend: str) -> list[dict]:
 def test_report_is_labelled_per_rank_and_matches_deepspeed_partitions(runs, backend):
     """The same straight launch writes every rank's gathered report and what DeepSpeed holds."""
     ranks = rank_reports(runs, backend)
-    stage = {"ddp": None, "zero1": 1, "zero2": 2, "zero2_offload": 2, "zero3": 3}[backend]
+    stage = {"ddp": None, "fsdp2": None, "zero1": 1, "zero2": 2, "zero2_offload": 2, "zero3": 3}[backend]
     for rank, data in enumerate(ranks):
         memory, held = data["report"]["memory"], data["deepspeed"]
-        assert memory["scope"] == {"rank": rank, "world_size": 2, "zero_stage": stage}
+        assert memory["scope"] == {"rank": rank, "world_size": 2, "zero_stage": stage, "fsdp2": backend == "fsdp2"}
         assert f"per rank (rank {rank} of 2)" in data["rendered"] and "sum of 2 ranks" in data["rendered"]
         for category in ("params", "grads", "optimizer", "activations"):
             assert memory["all_ranks"][category] == sum(r["report"]["memory"]["last"][category] for r in ranks)

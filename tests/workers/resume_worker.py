@@ -2,7 +2,8 @@
 
 Launched by tests/test_resume.py, once per phase, as
 ``torchrun --nproc_per_node N resume_worker.py PHASE OUT_DIR BACKEND [BACKEND ...]`` (or plain
-``python`` for the single process), with DS_ACCELERATOR=cpu. Several backends run one after the
+``python`` for the single process), with DS_ACCELERATOR=cpu. ``fsdp2`` is Accelerate's FSDP2
+(each BertLayer and the root sharded) switched on for CPU processes (tests/fsdp_on_cpu.py). Several backends run one after the
 other in the same launch (Accelerate's state is reset in between) to save process starts.
 
 * ``straight``: 10 optimizer steps of 2 micro-batches each, saving state at the end of step 5
@@ -31,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import random_batch, tiny_bert  # noqa: E402
+from fsdp_on_cpu import back_to_cpu, fsdp_accelerator  # noqa: E402
 
 from slimfit_accel import SlimFit, hookimpl  # noqa: E402
 
@@ -42,6 +44,7 @@ LR = 1e-2
 BACKENDS = {
     "single": None,
     "ddp": None,
+    "fsdp2": None,
     "zero1": {"stage": 1},
     "zero2": {"stage": 2},
     "zero2_offload": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
@@ -76,7 +79,11 @@ def build(backend: str):
     handlers = SlimFit.kwargs_handlers()
     if backend != "single":
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    if zero is None:
+    if backend == "fsdp2":
+        accelerator = fsdp_accelerator(gradient_accumulation_steps=ACCUM, auto_wrap_policy="transformer_based_wrap",
+                                       transformer_cls_names_to_wrap=["BertLayer"])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    elif zero is None:
         accelerator = Accelerator(cpu=True, gradient_accumulation_steps=ACCUM, kwargs_handlers=handlers)
         optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     else:
@@ -120,7 +127,8 @@ def train(run, first_step: int, last_step: int, on_micro=None, first_micro: int 
 
 
 def full_weights(run) -> dict[str, torch.Tensor]:
-    """Every parameter in full fp32 (DeepSpeed: the optimizer's master copy); collective."""
+    """Every parameter in full fp32 (DeepSpeed: the optimizer's master copy; FSDP2: the shards
+    gathered); collective."""
     slimfit, model, optimizer, accelerator, _ = run
     from accelerate.utils import DistributedType
 
@@ -128,7 +136,8 @@ def full_weights(run) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_fp32_param
 
         return {n: safe_get_full_fp32_param(p).detach().clone() for n, p in model.module.named_parameters()}
-    return {n: p.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters()}
+    named = accelerator.unwrap_model(model).named_parameters()
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in named}
 
 
 def record(run, out: Path, name: str, decisions: list, log_start: int = 0, extra: dict | None = None) -> None:
@@ -227,6 +236,7 @@ def reset_accelerate() -> None:
     """Let the next backend build a fresh Accelerator in this process (process group kept)."""
     from accelerate.state import AcceleratorState, GradientState
 
+    back_to_cpu()  # after fsdp2: the process's state is MULTI_CPU again
     AcceleratorState._reset_state()
     GradientState._reset_state()
     os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
