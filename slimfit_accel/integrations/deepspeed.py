@@ -70,6 +70,9 @@ class ZeroStepBackend:
     """
 
     def __init__(self, engine: Any):
+        from .deepspeed_versions import check_deepspeed_version
+
+        check_deepspeed_version()  # the internals below change between DeepSpeed releases
         from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
         from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
         from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
