@@ -1,9 +1,13 @@
 """Fine-tune a classifier with SlimFit, under any Accelerate setup: your data, your model.
 
-Read top to bottom: arguments -> checks (nothing is written until every input is known good)
--> Accelerator -> data -> model -> SlimFit -> optimizer -> prepare -> first freeze decision ->
-train (checkpoints, per-epoch evaluation) -> summary and final model. Copy it and change what
-you need; data sources and tasks live in ``slimfit_accel/recipes/``.
+Read top to bottom. ``main``: arguments -> cheap checks of every input (flags, SlimFit configs,
+checkpoint, model folder; nothing is read or written yet) -> Accelerator -> data -> one run, or
+one per ``--compare`` arm. Each run has four phases: ``setup`` (model, SlimFit, optimizer,
+schedule, prepare, first evaluation), ``train_loop`` (steps, checkpoints, per-epoch evaluation),
+``finish`` (report, summary.json, final model) and ``cleanup`` (SlimFit detached, every
+reference dropped, device memory freed). What depends on the task (model, data, scores) comes
+from a task object (``slimfit_accel/recipes/protocol.py``); the rest is shared. Copy it and
+change what you need; data sources and tasks live in ``slimfit_accel/recipes/``.
 
     slimfit-accel finetune --train-file reviews.csv --text-column review --label-column stars \\
         --model ./my-bert --output-dir runs/reviews
@@ -14,49 +18,45 @@ you need; data sources and tasks live in ``slimfit_accel/recipes/``.
 
 Defaults: the packaged all-MiniLM-L6-v2 and 2000 / 1000 Rotten Tomatoes snippets (split by
 movie), 2 epochs, batch 32, 64 tokens, AdamW with linear decay and no warm-up (as SlimFit).
+The command line (``cli``) runs offline unless ``HF_HUB_OFFLINE`` says otherwise; importing
+this module changes no setting.
 """
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
 
-# The model and data come inside installed packages: never reach for the Hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from importlib import resources  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import datasets  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import (  # noqa: E402
+import datasets
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import (
     DataLoaderConfiguration,
     DistributedDataParallelKwargs,
     InitProcessGroupKwargs,
     set_seed,
 )
-from torch.utils.data import DataLoader  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-from transformers import get_scheduler  # noqa: E402
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
 
-from slimfit_accel import SlimFit  # noqa: E402
-from slimfit_accel.memory import MemoryMeter  # noqa: E402
-from slimfit_accel.model_assets import default_model_path  # noqa: E402
-from slimfit_accel.recipes import RecipeError  # noqa: E402
-from slimfit_accel.recipes.checkpoints import checkpoint_dir, read_state, resolve_resume, save_checkpoint  # noqa: E402
-from slimfit_accel.recipes.data import BUILTIN, LabeledData, load_data  # noqa: E402
-from slimfit_accel.recipes.evaluation import baseline_scores, describe, evaluate  # noqa: E402
-from slimfit_accel.recipes.summary import write_summary  # noqa: E402
-from slimfit_accel.recipes.tasks import check_model_folder, check_vocabulary, encode, load_model, load_preprocessor, model_task  # noqa: E402
+from slimfit_accel import SlimFit
+from slimfit_accel.memory import MemoryMeter
+from slimfit_accel.model_assets import default_model_path
+from slimfit_accel.recipes import RecipeError
+from slimfit_accel.recipes.checkpoints import checkpoint_dir, read_state, resolve_resume, save_checkpoint
+from slimfit_accel.recipes.classification import ClassificationTask
+from slimfit_accel.recipes.data import BUILTIN
+from slimfit_accel.recipes.protocol import Inputs, Task
+from slimfit_accel.recipes.summary import write_summary
 
 LR_SCHEDULERS = ("linear", "constant", "cosine")
 TRACKERS = ("tensorboard", "wandb", "all", "none")
@@ -176,52 +176,26 @@ def build_accelerator(grad_accum: int, find_unused_parameters: bool, report_to: 
 
 
 @dataclass
-class Inputs:
-    """Everything checked before training: the model folder, its preprocessor, the data."""
+class Plan:
+    """What the cheap checks settled: the model folder, the task, each run's SlimFit, the checkpoint."""
 
     model_path: str
-    task: str
-    preprocessor: Any
-    data: LabeledData
-    encoded: datasets.DatasetDict
-    notes: list[str]
+    task: Task
+    arms: dict[str, SlimFit | None]  # {"run": ...} for one run; the --compare arms otherwise
+    resume: Path | None
 
 
-def load_inputs(args: argparse.Namespace, accelerator: Accelerator) -> Inputs:
-    """Model folder, preprocessor and data, each checked; a ``RecipeError`` names the first problem."""
-    try:
-        model_path = args.model or default_model_path()
-    except ImportError as err:
-        raise RecipeError(" ".join(str(err).split())) from None
-    check_model_folder(model_path)
-    with accelerator.main_process_first():  # the main process loads and tokenizes, the others reuse its cache
-        data = load_data(
-            args.dataset, train_file=args.train_file, test_file=args.test_file, test_fraction=args.test_fraction,
-            text_column=args.text_column, image_column=args.image_column, label_column=args.label_column,
-            train_size=args.train_size, test_size=args.test_size, split_seed=args.split_seed,
-        )
-        task = model_task(model_path)
-        if task != data.task:
-            raise RecipeError(f"--model {model_path} is a{'n' if task == 'image' else ''} {task} model but {data.source} holds {data.task}; "
-                              f"pass a {data.task} model or the {task} column")
-        preprocessor, note = load_preprocessor(model_path, task)
-        if task == "text":
-            check_vocabulary(preprocessor, list(data.splits["train"][:200]["text"]), model_path)
-        channels = getattr(transformers.AutoConfig.from_pretrained(model_path), "num_channels", 3)
-        encoded = encode(data.splits, task, preprocessor, args.max_length, num_channels=channels)
-    return Inputs(model_path, task, preprocessor, data, encoded, [note] if note else [])
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def check_inputs(args: argparse.Namespace, task: Task | None = None) -> Plan:
+    """Every input that can be checked without reading data, checked: a ``RecipeError`` (or the
+    config's ``ConfigError``) names the first problem before anything is loaded or written."""
     check_args(args)
-    # The SlimFit configs first: a bad one fails here, before any data or model is loaded.
+    config = args.slimfit_config or default_slimfit_config()
     if args.compare:
         from slimfit_accel.recipes.compare import arm_slimfits
 
-        arms = arm_slimfits(args.compare, args.slimfit_config or default_slimfit_config())
+        arms = arm_slimfits(args.compare, config)
     else:
-        arms = {"run": None if args.no_slimfit else SlimFit.from_config(args.slimfit_config or default_slimfit_config())}
+        arms = {"run": None if args.no_slimfit else SlimFit.from_config(config)}
     resume = resolve_resume(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
     if resume is not None:
         changed = {k: (v, getattr(args, k)) for k, v in read_state(resume).get("args", {}).items() if getattr(args, k) != v}
@@ -229,49 +203,128 @@ def main(argv: list[str] | None = None) -> dict:
             key, (then, now) = next(iter(changed.items()))
             raise RecipeError(f"--resume-from-checkpoint {resume}: it was made with --{key.replace('_', '-')} {then}, "
                               f"this run has {now}; resume with the same settings")
-    accelerator = build_accelerator(args.grad_accum, find_unused_parameters=any(s is not None for s in arms.values()),
+    try:
+        model_path = args.model or default_model_path()
+    except ImportError as err:
+        raise RecipeError(" ".join(str(err).split())) from None
+    task = task or ClassificationTask()
+    task.check_model(model_path)
+    return Plan(model_path, task, arms, resume)
+
+
+def main(argv: list[str] | None = None, task: Task | None = None) -> dict:
+    """Run the recipe; returns the run's metrics (``--compare``: every arm's). ``task``: another
+    task than classification (see ``recipes/protocol.py``)."""
+    args = parse_args(argv)
+    plan = check_inputs(args, task)
+    accelerator = build_accelerator(args.grad_accum, find_unused_parameters=plan.arms.get("run") is not None,
                                     report_to=args.report_to, output_dir=args.output_dir)
     if not accelerator.is_local_main_process:  # one copy of the logs and progress bars
         transformers.logging.set_verbosity_error()
         datasets.disable_progress_bars()
-    inputs = load_inputs(args, accelerator)
+    with accelerator.main_process_first():  # the main process loads and tokenizes, the others reuse its cache
+        inputs = plan.task.load_inputs(args, plan.model_path)
     for note in inputs.notes:
         accelerator.print(f"note: {note}")
     if args.compare:
-        from slimfit_accel.recipes.compare import run_compare
-
-        def fresh_accelerator() -> Accelerator:  # each arm its own: nothing of the previous arm stays registered
-            return build_accelerator(args.grad_accum, find_unused_parameters=True, report_to=args.report_to, output_dir=args.output_dir)
-
-        return run_compare(args, accelerator, inputs, arms, train, fresh_accelerator)
-    return train(args, accelerator, inputs, arms["run"], output_dir=args.output_dir, resume=resume)
+        return compare(args, plan.task, inputs, plan.arms, accelerator)
+    run = run_once(args, plan.task, inputs, accelerator, plan.arms["run"], output_dir=args.output_dir, resume=plan.resume)
+    return run.result
 
 
-def train(args, accelerator: Accelerator, inputs: Inputs, slimfit: SlimFit | None, output_dir: str | None,
-          resume: Path | None = None, label: str = "", before: dict | None = None, adapt=None) -> dict:
-    """One fine-tuning run; returns its metrics. ``slimfit=None``: full fine-tuning, measured the same way.
+def run_once(args: argparse.Namespace, task: Task, inputs: Inputs, accelerator: Accelerator, slimfit: SlimFit | None,
+             **options: Any) -> "TrainingRun":
+    """setup -> train_loop -> finish, and cleanup whatever happens; the run keeps its result."""
+    run = setup(args, task, inputs, accelerator, slimfit, **options)
+    try:
+        train_loop(run)
+        finish(run)
+    finally:
+        cleanup(run)
+    return run
 
-    ``before``: the untrained model's scores when already known (arms of a comparison share them).
-    ``adapt``: turns the loaded model into what trains (e.g. LoRA adapters around it).
+
+def compare(args: argparse.Namespace, task: Task, inputs: Inputs, arms: dict[str, SlimFit | None], accelerator: Accelerator) -> dict:
+    """``--compare``: each arm in turn on the same inputs, then the table and pictures (``accelerator``
+    prints and writes them).
+
+    Each arm trains under an Accelerator of its own (nothing of the previous arm stays registered) and is
+    cleaned up before the next starts; ``arms`` is emptied as they run, because an arm's SlimFit
+    holds its model.
     """
-    data = inputs.data
-    num_classes = len(data.label_names)
-    set_seed(args.seed)  # head initialisation and the data order
+    from slimfit_accel.recipes.compare import add_lora, write_comparison
 
-    # Model: the pretrained body plus a new, randomly initialised head for these classes.
-    pad_id = getattr(inputs.preprocessor, "pad_token_id", None)
-    model = load_model(inputs.model_path, inputs.task, data.label_names, pad_token_id=pad_id)
-    # SlimFit wraps the model before `prepare`: DDP and ZeRO record every candidate as trainable.
+    output = Path(args.output_dir or "runs/compare")
+    results: dict[str, dict] = {}
+    before = None  # the same untrained model in every arm: evaluated once
+    for name in list(arms):
+        slimfit = arms.pop(name)
+        arm_accelerator = build_accelerator(args.grad_accum, find_unused_parameters=slimfit is not None,
+                                            report_to=args.report_to, output_dir=args.output_dir)
+        run = run_once(args, task, inputs, arm_accelerator, slimfit, output_dir=str(output / name), label=f"[{name}] ",
+                       before=before, adapt=add_lora if name == "lora" else None)
+        results[name], before = run.result, run.before
+        del run, slimfit, arm_accelerator  # the accelerator still lists the arm's freeze controller
+    return write_comparison(results, output, accelerator, inputs.data.sizes)
+
+
+@dataclass
+class TrainingRun:
+    """One run: what ``setup`` built, the progress ``train_loop`` made, the ``result`` of ``finish``.
+
+    ``cleanup`` sets the model, optimizer, loaders, schedule, meter and SlimFit to None.
+    """
+
+    args: argparse.Namespace
+    task: Task
+    inputs: Inputs
+    accelerator: Accelerator
+    slimfit: SlimFit | None
+    model: Any
+    optimizer: Any
+    lr_sched: Any
+    train_dl: Any
+    test_dl: Any
+    meter: MemoryMeter
+    step_context: Callable[[], Any]  # wraps each micro-batch: SlimFit's step, or the meter's
+    total_steps: int
+    before: dict[str, float]
+    output_dir: str | None = None
+    label: str = ""
+    adapters: bool = False
+    # progress (restored from a checkpoint when resuming)
+    start_epoch: int = 0
+    skip: int = 0  # micro-batches of start_epoch already taken
+    steps: int = 0
+    timeline: list[list[int]] = field(default_factory=list)  # per optimizer step: the schedulable units trained
+    epochs: list[dict] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    after: dict[str, float] = field(default_factory=dict)
+    result: dict | None = None
+
+
+def setup(args: argparse.Namespace, task: Task, inputs: Inputs, accelerator: Accelerator, slimfit: SlimFit | None,
+          output_dir: str | None = None, resume: Path | None = None, label: str = "", before: dict | None = None,
+          adapt: Callable | None = None) -> TrainingRun:
+    """Model, SlimFit, loaders, optimizer and schedule, prepared; the first evaluation; a checkpoint loaded.
+
+    ``slimfit=None``: full fine-tuning, measured by the same meter. ``before``: the untrained
+    model's scores when already known (arms of a comparison share them). ``adapt``: turns the
+    loaded model into what trains (e.g. LoRA adapters around it).
+    """
+    set_seed(args.seed)  # head initialisation and the data order
+    model = task.build_model(inputs)
     if adapt is not None:
         model = adapt(model)
+    # SlimFit wraps the model before `prepare`: DDP and ZeRO record every candidate as trainable.
     if slimfit is not None:
         model = slimfit.prepare_model(model)
 
     # The loader's own generator: starting an epoch then draws nothing from the global RNG, so a
     # run resumed mid-epoch sees the same dropout masks as one that never stopped.
     order = torch.Generator().manual_seed(args.seed)
-    train_dl = DataLoader(inputs.encoded["train"], batch_size=args.batch_size, shuffle=True, generator=order)
-    test_dl = DataLoader(inputs.encoded["test"], batch_size=args.batch_size * 2)
+    train_dl = DataLoader(inputs.encoded["train"], batch_size=args.batch_size, shuffle=True, generator=order, collate_fn=inputs.collate)
+    test_dl = DataLoader(inputs.encoded["test"], batch_size=args.batch_size * 2, collate_fn=inputs.collate)
     # Optimizer steps per process: the prepared dataloader is sharded across processes, and
     # Accelerate syncs (steps) at the end of each epoch even mid-accumulation.
     batches_per_process = math.ceil(len(train_dl) / accelerator.num_processes)
@@ -293,131 +346,147 @@ def train(args, accelerator: Accelerator, inputs: Inputs, slimfit: SlimFit | Non
     if slimfit is not None:
         slimfit.attach(accelerator, model, optimizer, total_steps=total_steps)
         meter, step_context = slimfit.memory, slimfit.step
-        unit_numel = {u.name: u.numel for u in slimfit.units.all}
-        always_numel = sum(u.numel for u in slimfit.units.always_trained)
-        unit_names = [u.name for u in slimfit.units.schedulable]
     else:  # full fine-tuning: the same meter, nothing frozen
         meter = MemoryMeter(model, optimizer)
-        step_context, unit_names = meter.step, []
+        step_context = meter.step
 
-    test_labels = torch.tensor(data.splits["test"]["label"])
-    majority = data.majority_class()
-    baseline = baseline_scores(majority, test_labels, num_classes)
-    before = before or evaluate(accelerator, model, test_dl, num_classes)
-    accelerator.print(f"{label}before training (untrained head): {describe(before, baseline, data.label_names[majority])}")
-
-    start_epoch = skip = steps = 0
-    timeline: list[list[int]] = []  # per optimizer step: the schedulable units trained
-    epochs: list[dict] = []
+    before = before or task.evaluate(accelerator, model, test_dl, inputs)
+    accelerator.print(f"{label}before training (untrained head): {task.describe(before, inputs)}")
+    run = TrainingRun(args, task, inputs, accelerator, slimfit, model, optimizer, lr_sched, train_dl, test_dl, meter,
+                      step_context, total_steps, before, output_dir=output_dir, label=label, adapters=adapt is not None)
     if resume is not None:
         # After the first evaluation, as in the run that saved it: the random states restored here
         # are the ones its next step started from.
         accelerator.load_state(str(resume))  # weights, optimizer, schedule, random states, freeze controller
         state = read_state(resume)
-        start_epoch, skip, steps = state["epoch"], state["batches_in_epoch"], state["step"]
-        timeline, epochs = state["timeline"], state["epochs"]
-        accelerator.print(f"resumed from {resume} at optimizer step {steps} (epoch {start_epoch}, batch {skip})")
-
+        run.start_epoch, run.skip, run.steps = state["epoch"], state["batches_in_epoch"], state["step"]
+        run.timeline, run.epochs = state["timeline"], state["epochs"]
+        accelerator.print(f"resumed from {resume} at optimizer step {run.steps} (epoch {run.start_epoch}, batch {run.skip})")
     if args.report_to != "none":
         accelerator.init_trackers("slimfit-finetune" + (f"-{label.strip(' []')}" if label else ""), config=_flat_config(args))
+    return run
 
-    # Train.
+
+def train_loop(run: TrainingRun) -> None:
+    """Train to ``total_steps``: accumulate, step, record; checkpoint every N steps; evaluate each epoch."""
+    args, accelerator, model, optimizer = run.args, run.accelerator, run.model, run.optimizer
     model.train()
-    progress = tqdm(total=total_steps, initial=steps, desc=f"{label}fine-tuning", disable=not accelerator.is_local_main_process)
-    step_seconds, after = [], before
-    for epoch in range(start_epoch, args.epochs):
-        if steps >= total_steps:
-            break
-        train_dl.set_epoch(epoch)  # this epoch's order comes from (seed, epoch)
-        loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
-        seen, skip = skip, 0
-        step_started = time.perf_counter()
-        for batch in loader:
-            seen += 1
-            with accelerator.accumulate(model), step_context():
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                optimizer.step()
-                lr_sched.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            steps += 1
-            step_seconds.append(time.perf_counter() - step_started)
-            if slimfit is not None:
-                trained = set(slimfit.controller.trainable)
-                timeline.append([i for i, name in enumerate(unit_names) if name in trained])
-                fraction = (always_numel + sum(unit_numel[n] for n in trained)) / sum(unit_numel.values())
-            else:
-                fraction = 1.0
-            progress.update(1)
-            progress.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", lr=f"{lr_sched.get_last_lr()[0]:.2e}")
-            if args.report_to != "none":
-                last = meter.last
-                accelerator.log({"loss": loss.item(), "lr": lr_sched.get_last_lr()[0], "trainable_fraction": fraction,
-                                 "activation_bytes_stored": last.activations if last else 0,
-                                 "activation_bytes_raw": last.activations_raw if last else 0}, step=steps)
-            if output_dir and args.checkpointing_steps and steps % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, checkpoint_dir(output_dir, steps),
-                                {"step": steps, "epoch": epoch, "batches_in_epoch": seen, "timeline": timeline, "epochs": epochs,
-                                 "args": {k: getattr(args, k) for k in RESUME_SAME}})
-            if steps >= total_steps:
+    progress = tqdm(total=run.total_steps, initial=run.steps, desc=f"{run.label}fine-tuning", disable=not accelerator.is_local_main_process)
+    run.after = run.before
+    try:
+        for epoch in range(run.start_epoch, args.epochs):
+            if run.steps >= run.total_steps:
                 break
+            run.train_dl.set_epoch(epoch)  # this epoch's order comes from (seed, epoch)
+            loader = accelerator.skip_first_batches(run.train_dl, run.skip) if run.skip else run.train_dl
+            seen, run.skip = run.skip, 0
             step_started = time.perf_counter()
-        after = evaluate(accelerator, model, test_dl, num_classes)
-        epochs.append({"epoch": epoch + 1, "step": steps, **after})
-        if args.report_to != "none":
-            accelerator.log({"test_accuracy": after["accuracy"], "test_macro_f1": after["macro_f1"]}, step=steps)
-        if accelerator.is_main_process:  # above the progress bar, not glued to it
-            progress.write(f"{label}epoch {epoch + 1}: {describe(after, baseline, data.label_names[majority])}", file=sys.stdout)
-    progress.close()
-    seconds_per_step = sum(step_seconds) / max(len(step_seconds), 1)
-    accelerator.print(f"{label}trained {steps} optimizer steps ({seconds_per_step:.2f} s/step, {accelerator.num_processes} process(es))")
-    accelerator.print(f"{label}test accuracy before: {before['accuracy']:.3f}  after: {after['accuracy']:.3f}  "
-                      f"(macro-F1 {after['macro_f1']:.3f}, majority baseline {baseline['accuracy']:.3f})")
+            for batch in loader:
+                seen += 1
+                with accelerator.accumulate(model), run.step_context():
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    run.lr_sched.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                run.step_seconds.append(time.perf_counter() - step_started)
+                record_step(run, epoch, seen, loss.item(), progress)
+                if run.steps >= run.total_steps:
+                    break
+                step_started = time.perf_counter()
+            run.after = run.task.evaluate(accelerator, model, run.test_dl, run.inputs)
+            run.epochs.append({"epoch": epoch + 1, "step": run.steps, **run.after})
+            if args.report_to != "none":
+                accelerator.log({f"test_{name}": value for name, value in run.after.items()}, step=run.steps)
+            if accelerator.is_main_process:  # above the progress bar, not glued to it
+                progress.write(f"{run.label}epoch {epoch + 1}: {run.task.describe(run.after, run.inputs)}", file=sys.stdout)
+    finally:
+        progress.close()
 
+
+def record_step(run: TrainingRun, epoch: int, seen: int, loss: float, progress: tqdm) -> None:
+    """After an optimizer step: the freeze timeline, the progress bar, the trackers, a checkpoint when due."""
+    args, accelerator = run.args, run.accelerator
+    run.steps += 1
+    if run.slimfit is not None:
+        units = run.slimfit.units
+        trained = set(run.slimfit.controller.trainable)
+        run.timeline.append([i for i, unit in enumerate(units.schedulable) if unit.name in trained])
+        trained_numel = sum(u.numel for u in units.always_trained) + sum(u.numel for u in units.schedulable if u.name in trained)
+        fraction = trained_numel / sum(u.numel for u in units.all)
+    else:
+        fraction = 1.0
+    lr = run.lr_sched.get_last_lr()[0]
+    progress.update(1)
+    progress.set_postfix(epoch=epoch, loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+    if args.report_to != "none":
+        last = run.meter.last
+        accelerator.log({"loss": loss, "lr": lr, "trainable_fraction": fraction,
+                         "activation_bytes_stored": last.activations if last else 0,
+                         "activation_bytes_raw": last.activations_raw if last else 0}, step=run.steps)
+    if run.output_dir and args.checkpointing_steps and run.steps % args.checkpointing_steps == 0:
+        save_checkpoint(accelerator, checkpoint_dir(run.output_dir, run.steps),
+                        {"step": run.steps, "epoch": epoch, "batches_in_epoch": seen, "timeline": run.timeline,
+                         "epochs": run.epochs, "args": {k: getattr(args, k) for k in RESUME_SAME}})
+
+
+def finish(run: TrainingRun) -> dict:
+    """Print the outcome and SlimFit's report; write summary.json and the final model; set ``run.result``."""
+    args, accelerator, label = run.args, run.accelerator, run.label
+    seconds_per_step = sum(run.step_seconds) / max(len(run.step_seconds), 1)
+    accelerator.print(f"{label}trained {run.steps} optimizer steps ({seconds_per_step:.2f} s/step, {accelerator.num_processes} process(es))")
+    accelerator.print(f"{label}before training: {run.task.describe(run.before, run.inputs)}")
+    accelerator.print(f"{label}after training:  {run.task.describe(run.after, run.inputs)}")
     report = None
-    if slimfit is not None:
-        report = slimfit.report()  # every rank calls it: the report may gather across ranks
+    if run.slimfit is not None:
+        report = run.slimfit.report()  # every rank calls it: the report may gather across ranks
         accelerator.print(report.render())
-    memory = meter.summary()
-    if slimfit is None:
-        meter.close()
-
-    result = {
-        "accuracy_before": before["accuracy"],
-        "accuracy_after": after["accuracy"],
-        "macro_f1": after["macro_f1"],
-        "macro_f1_before": before["macro_f1"],
-        "majority_baseline": {"class": data.label_names[majority], **baseline},
-        "epochs": epochs,
-        "steps": steps,
+    run.result = {
+        **run.task.results(run.before, run.after, run.inputs),
+        "epochs": run.epochs,
+        "steps": run.steps,
         "seconds_per_step": seconds_per_step,
-        "memory": memory.to_dict(),
+        "memory": run.meter.summary().to_dict(),
         "report": report.to_dict() if report is not None else None,
-        "units": unit_names,
-        "timeline": timeline,
-        "adapters": adapt is not None,
+        "units": [u.name for u in run.slimfit.units.schedulable] if run.slimfit is not None else [],
+        "timeline": run.timeline,
+        "adapters": run.adapters,
     }
-    if output_dir:
-        save_final(accelerator, model, inputs, Path(output_dir))
+    if run.output_dir:
+        output_dir = Path(run.output_dir)
+        save_final(accelerator, run.model, run.task, run.inputs, output_dir)
         if accelerator.is_main_process:
-            write_summary(Path(output_dir) / "summary.json", {
-                **{k: v for k, v in result.items() if k != "report"}, "freeze": _freeze_summary(result["report"]),
-                "data": {"source": data.source, "task": data.task, "labels": data.label_names, "sizes": data.sizes},
-                "args": vars(args), "slimfit_config": slimfit.config.model_dump(mode="json") if slimfit is not None else None,
+            write_summary(output_dir / "summary.json", {
+                **{k: v for k, v in run.result.items() if k != "report"}, "freeze": _freeze_summary(run.result["report"]),
+                "data": run.task.data_summary(run.inputs),
+                "args": vars(args), "slimfit_config": run.slimfit.config.model_dump(mode="json") if run.slimfit is not None else None,
                 "processes": accelerator.num_processes,
             })
         accelerator.print(f"{label}wrote {output_dir}/summary.json and the model to {output_dir}/final")
     if args.report_to != "none":
         accelerator.end_training()
     accelerator.wait_for_everyone()
-    return result
+    return run.result
 
 
-def save_final(accelerator: Accelerator, model, inputs: Inputs, output_dir: Path) -> None:
-    """``OUTPUT/final``: model, config (with the class names) and tokenizer or image processor,
-    loadable with ``from_pretrained``; ``OUTPUT/labels.json`` maps class ids to names."""
+def cleanup(run: TrainingRun) -> None:
+    """Leave nothing of the run behind: SlimFit detached (hooks removed, every unit trainable
+    again) or the meter closed, the Accelerator's and the run's references dropped, garbage
+    collected and the device cache emptied (``free_memory`` does both). Safe after an error."""
+    if run.slimfit is not None:
+        run.slimfit.detach()
+    elif run.meter is not None:
+        run.meter.close()
+    run.model = run.optimizer = run.lr_sched = run.train_dl = run.test_dl = None
+    run.meter = run.step_context = run.slimfit = None
+    run.accelerator.free_memory()
+
+
+def save_final(accelerator: Accelerator, model, task: Task, inputs: Inputs, output_dir: Path) -> None:
+    """``OUTPUT/final``: the model, loadable with ``from_pretrained``, and the task's files with it
+    (classification: tokenizer or image processor, and ``OUTPUT/labels.json``)."""
     final = output_dir / "final"
     unwrapped = accelerator.unwrap_model(model)
     if hasattr(unwrapped, "merge_and_unload"):  # LoRA: fold the adapters in, so final/ is a plain model
@@ -431,8 +500,7 @@ def save_final(accelerator: Accelerator, model, inputs: Inputs, output_dir: Path
                               f"in the accelerate config, as accelerate_configs/zero3.yaml does)") from None
         unwrapped.save_pretrained(final, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=state)
     if accelerator.is_main_process:
-        inputs.preprocessor.save_pretrained(final)
-        (output_dir / "labels.json").write_text(json.dumps(dict(enumerate(inputs.data.label_names)), indent=2))
+        task.save_extras(inputs, output_dir)
     accelerator.wait_for_everyone()
 
 
@@ -447,10 +515,26 @@ def _flat_config(args: argparse.Namespace) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
 
 
+def offline_by_default() -> None:
+    """The command line never reaches for the Hub (the model and data are local, or inside installed
+    packages) unless ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set. The Hub libraries read
+    it when imported, which this module has done, so their flags are set as well."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "HF_HUB_OFFLINE" in os.environ or "TRANSFORMERS_OFFLINE" in os.environ:
+        return  # the user's choice
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import huggingface_hub.constants
+
+    huggingface_hub.constants.HF_HUB_OFFLINE = True  # read by transformers and huggingface_hub per call
+    if "HF_DATASETS_OFFLINE" not in os.environ:
+        datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+
+
 def cli(argv: list[str] | None = None) -> None:
-    """``main`` for the command line: bad input or setup exits 2 with one clear line."""
+    """``main`` for the command line, offline by default: bad input or setup exits 2 with one clear line."""
     from slimfit_accel.errors import SlimFitError
 
+    offline_by_default()
     try:
         main(argv)
     except SlimFitError as err:

@@ -96,3 +96,19 @@ def test_command_line_prints_one_line_without_traceback(assets, tmp_path):
                          f"Hugging Face model folder (config.json, weights, tokenizer)")
     assert sum(line.startswith("error:") for line in lines) == 1 and "Traceback" not in done.stderr
     assert not out.exists()
+
+
+def test_model_without_tokenizer_is_refused_before_any_data_is_read(assets, tmp_path, capsys, monkeypatch):
+    """The cheap check of the model folder comes first: no table is parsed, no progress bar drawn."""
+    import datasets
+
+    def read(*_, **__):
+        raise AssertionError("the data was read before the model folder was checked")
+
+    monkeypatch.setattr(datasets, "load_dataset", read)
+    with pytest.raises(SystemExit) as exited:
+        finetune.cli([*SMALL, "--model", str(assets["bert_no_tokenizer"]), "--train-file", str(assets["csv"]), *TEXT])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"error: --model {assets['bert_no_tokenizer']}: no tokenizer files")
+    assert "Generating" not in err and "Map" not in err and "%|" not in err

@@ -1,7 +1,7 @@
 """``--compare full,slimfit,...``: several arms on the same data, split and seed, side by side.
 
 Each arm is one training run of the same recipe (same model, rows, head initialisation and
-batch order); only what is frozen and compressed differs:
+batch order), run by ``finetune.compare``; only what is frozen and compressed differs:
 
 - ``full``: full fine-tuning, memory measured by the same meter with nothing frozen;
 - ``slimfit``: the SlimFit config given (default: the packaged demo config);
@@ -20,7 +20,6 @@ import importlib.util
 import io
 import json
 from pathlib import Path
-from typing import Any, Callable
 
 from rich.console import Console
 from rich.table import Table
@@ -58,24 +57,15 @@ def arm_slimfits(spec: str, slimfit_config: str) -> dict[str, SlimFit | None]:
     return {name: None if configs[name] is None else SlimFit.from_config(configs[name]) for name in names}
 
 
-def run_compare(args, accelerator, inputs, arms: dict[str, SlimFit | None], train: Callable[..., dict],
-                new_accelerator: Callable[[], Any]) -> dict:
-    """Train every arm in turn and write the comparison; returns ``{"arms": {name: metrics}, "output_dir": ...}``."""
-    output = Path(args.output_dir or "runs/compare")
-    results: dict[str, dict] = {}
-    before = None  # the same untrained model in every arm: evaluated once
-    for i, (name, slimfit) in enumerate(arms.items()):
-        if i:
-            accelerator.free_memory()  # drop the previous arm's model and optimizer
-            accelerator = new_accelerator()
-        adapt = add_lora if name == "lora" else None
-        results[name] = train(args, accelerator, inputs, slimfit, output_dir=str(output / name), label=f"[{name}] ",
-                              before=before, adapt=adapt)
-        before = {"accuracy": results[name]["accuracy_before"], "macro_f1": results[name]["macro_f1_before"]}
-    table = render_table(results)
-    accelerator.print(table)
+def write_comparison(results: dict[str, dict], output: Path, accelerator, data_sizes: dict[str, int]) -> dict:
+    """Print the table; write ``compare.json``, ``compare.md`` and the two pictures (main process).
+
+    Returns ``{"arms": {name: metrics}, "output_dir": ...}``.
+    """
+    accelerator.print(render_table(results))
     if accelerator.is_main_process:
-        (output / "compare.json").write_text(json.dumps({"arms": results, "data": inputs.data.sizes}, indent=2, default=str))
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "compare.json").write_text(json.dumps({"arms": results, "data": data_sizes}, indent=2, default=str))
         (output / "compare.md").write_text(render_markdown(results))
         plot_freeze_timeline(results, output / "freeze_timeline.png")
         plot_memory(results, output / "memory_breakdown.png")

@@ -33,7 +33,8 @@ MAX_UNKNOWN_SHARE = 0.5
 
 
 def check_model_folder(path: str) -> Path:
-    """The folder exists and holds a transformers ``config.json``."""
+    """The folder exists and holds a transformers ``config.json`` and the tokenizer (text) or image
+    processor (image) files its task needs. Reads only ``config.json``: made before any data is read."""
     folder = Path(path)
     if not folder.exists():
         raise RecipeError(f"--model {path}: no such folder; pass a local Hugging Face model folder (config.json, weights, tokenizer)")
@@ -41,7 +42,24 @@ def check_model_folder(path: str) -> Path:
         raise RecipeError(f"--model {path}: is a file; pass the folder save_pretrained wrote (config.json, weights, tokenizer)")
     if not (folder / "config.json").is_file():
         raise RecipeError(f"--model {path}: no config.json there, so not a Hugging Face model folder (write one with model.save_pretrained)")
+    check_preprocessor_files(path, model_task(path))
     return folder
+
+
+def check_preprocessor_files(path: str, task: str) -> None:
+    """The tokenizer (text) or image processor (image) files are in the folder."""
+    folder = Path(path)
+    if task == "image":
+        if not any((folder / name).is_file() for name in PROCESSOR_FILES):
+            raise RecipeError(
+                f"--model {path}: no image processor (preprocessor_config.json) in the folder; save the "
+                f"model's processor there with processor.save_pretrained({path!r})"
+            )
+    elif not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise RecipeError(
+            f"--model {path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...) in the folder, so every "
+            f"word would become [UNK]; save the tokenizer there with tokenizer.save_pretrained({path!r})"
+        )
 
 
 def model_task(path: str) -> str:
@@ -64,21 +82,11 @@ def model_task(path: str) -> str:
 
 def load_preprocessor(path: str, task: str) -> tuple[Any, str | None]:
     """The tokenizer (text) or image processor (image) saved with the model, and a note on any fallback."""
-    folder = Path(path)
+    check_preprocessor_files(path, task)
     if task == "image":
-        if not any((folder / name).is_file() for name in PROCESSOR_FILES):
-            raise RecipeError(
-                f"--model {path}: no image processor (preprocessor_config.json) in the folder; save the "
-                f"model's processor there with processor.save_pretrained({path!r})"
-            )
         from transformers import AutoImageProcessor
 
         return _load(lambda: AutoImageProcessor.from_pretrained(path), path, "image processor"), None
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise RecipeError(
-            f"--model {path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...) in the folder, so every "
-            f"word would become [UNK]; save the tokenizer there with tokenizer.save_pretrained({path!r})"
-        )
     from transformers import AutoTokenizer
 
     tokenizer = _load(lambda: AutoTokenizer.from_pretrained(path), path, "tokenizer")
