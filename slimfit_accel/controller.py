@@ -57,7 +57,6 @@ class FreezeController:
     ):
         self.units = units
         self.lr_scale = lr_scale
-        self._unscaled_lr: list[tuple[dict, Any]] = []
         self.scorer = scorer
         self.scheduler = scheduler
         self.registry = registry
@@ -88,7 +87,9 @@ class FreezeController:
         the answer is applied (and announced) only when that step begins.
         """
         self.backend = backend
-        backend.install(before_step=self._before_optimizer_step, after_step=self._after_optimizer_step)
+        # Each unit sits out most steps, so it takes larger steps when it trains (``lr_scale``):
+        # the backend scales the rates for the length of each update only.
+        backend.install(before_step=self._before_optimizer_step, after_step=self._after_optimizer_step, lr_scale=self.lr_scale)
         self._checked = (self.step, self._select())
 
     def unbind(self) -> None:
@@ -100,6 +101,8 @@ class FreezeController:
     def begin_step(self) -> None:
         """Apply the current optimizer step's decision, made (and announced) once per step;
         every micro-batch of the step calls this and reuses it."""
+        # A scorer snapshot left by a step that raised (out of memory, say) is not carried on.
+        self._views, self._carried = [], None
         if self._decided_for != self.step:
             checked, self._checked = self._checked, None
             chosen = checked[1] if checked is not None and checked[0] == self.step else self._select()
@@ -175,7 +178,6 @@ class FreezeController:
         return chosen
 
     def _before_optimizer_step(self) -> None:
-        self._scale_lr()
         units = [self._by_name[name] for name in self.trainable]
         views = self.backend.views([(u.name, u.params) for u in units])
         try:
@@ -188,7 +190,6 @@ class FreezeController:
         self.last_snapshot_bytes = tensor_bytes(self._carried)
 
     def _after_optimizer_step(self) -> None:
-        self._restore_lr()
         views, carried = self._views, self._carried
         self._views, self._carried = [], None
         if views:
@@ -200,20 +201,6 @@ class FreezeController:
         if self._total_numel:
             self.stats.trainable_fraction_sum += sum(self._numel[n] for n in self.trainable) / self._total_numel
         self.step += 1
-
-    def _scale_lr(self) -> None:
-        """Each unit sits out most steps, so it takes larger steps when it trains (``lr_scale``).
-        Only the optimizer's step sees the scaled rate; the user's LR scheduler is untouched."""
-        if self.lr_scale == 1.0:
-            return
-        self._unscaled_lr = [(group, group["lr"]) for group in self.backend.param_groups]
-        for group, lr in self._unscaled_lr:
-            group["lr"] = lr * self.lr_scale
-
-    def _restore_lr(self) -> None:
-        for group, lr in self._unscaled_lr:
-            group["lr"] = lr
-        self._unscaled_lr = []
 
     def _update_scores(self, views: Sequence[UnitView], carried: Any) -> None:
         plugin = self.scorer.registration.plugin

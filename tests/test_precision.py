@@ -1,5 +1,6 @@
 """Mixed precision with compression on: bf16 under DDP, ZeRO-2 and ZeRO-3; fp16 loss scaling
-under DDP; an overflowing step leaves SlimFit's step, the scores and every weight unchanged.
+under DDP (AdamW plain, fused and foreach); an overflowing step leaves SlimFit's step, the
+scores and every weight unchanged.
 
 All cases run in one 2-process launch of tests/workers/precision_worker.py (see its docstring).
 On a CPU without oneDNN fp16 kernels, DeepSpeed refuses fp16 (``Type fp16 is not supported on
@@ -23,8 +24,9 @@ from conftest import WORKERS
 
 pytestmark = pytest.mark.slow
 
-CASES = ["ddp_bf16", "ddp_fp16", "zero2_bf16", "zero3_bf16", "zero2_fp16", "zero2_overflow"]
-OVERFLOW_CASES = ["ddp_fp16", "zero2_fp16", "zero2_overflow"]
+CASES = ["ddp_bf16", "ddp_fp16", "ddp_fp16_fused", "ddp_fp16_foreach", "zero2_bf16", "zero3_bf16", "zero2_fp16",
+         "zero2_overflow"]
+OVERFLOW_CASES = ["ddp_fp16", "ddp_fp16_fused", "ddp_fp16_foreach", "zero2_fp16", "zero2_overflow"]
 STEPS = 20
 
 

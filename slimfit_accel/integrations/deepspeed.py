@@ -31,7 +31,7 @@ import torch
 
 from ..errors import IntegrationError
 from ..hookspecs import UnitView
-from ..stepping import StepCallback, UnitParams
+from ..stepping import StepCallback, UnitParams, scaled_lr
 
 
 # ZeRO-3's per-parameter gradient partitions (name-mangled private attribute).
@@ -133,6 +133,7 @@ class ZeroStepBackend:
         self._active = False
         self._in_zero_step = False
         self._began = False
+        self._lr_scale = 1.0
 
     # ---------------------------------------------------------------------------- protocol
     @property
@@ -140,10 +141,11 @@ class ZeroStepBackend:
         # ZeRO-1/2 narrows basic.param_groups to one group while stepping it: use the full list.
         return self._groups_at_init
 
-    def install(self, before_step: StepCallback, after_step: StepCallback) -> None:
+    def install(self, before_step: StepCallback, after_step: StepCallback, lr_scale: float = 1.0) -> None:
         if self._installed:
             raise IntegrationError("ZeroStepBackend.install was called twice; call remove() first.")
         self._callbacks = (before_step, after_step)
+        self._lr_scale = lr_scale
         self._active = True
         wrapped = (
             (self.zero_optimizer, "step", self._zero_step),
@@ -293,7 +295,9 @@ class ZeroStepBackend:
                     group["params"] = [v for v, p in views if count is None or self._steps[p.name] == count]
                 if self._cpu_adam:
                     self._restart_cpu_adam_powers()
-                result = original(*args, **kwargs)
+                # ZeRO-1/2 hands the basic optimizer one group at a time: scale what it steps now.
+                with scaled_lr(self.optimizer.param_groups, self._lr_scale):
+                    result = original(*args, **kwargs)
         finally:
             for group, params in zip(groups, saved):
                 group["params"] = params

@@ -15,6 +15,10 @@ Cases (what runs on CPU; see the test for what does not):
   them on accelerators), so this case gives the Accelerator a ``torch.amp.GradScaler("cpu")``
   and fp16 autocast before ``prepare``: the same code path Accelerate takes on a GPU
   (scaled backward, ``scaler.step`` that skips the optimizer on inf/NaN, scale update).
+* ``ddp_fp16_fused``, ``ddp_fp16_foreach``: the same with AdamW(fused=True) / (foreach=True).
+  For a fused optimizer the scaler calls ``step()`` even on inf gradients (the kernel skips the
+  update, told by ``optimizer.found_inf``), and Accelerate's ``step_was_skipped`` then says
+  False; the worker tells a skip by the scaler's backed-off scale instead.
 * ``zero2_bf16``, ``zero3_bf16``: DeepSpeed bf16 (bf16 module, fp32 master partitions).
 * ``zero2_fp16``: DeepSpeed fp16 with dynamic loss scaling. On a CPU without oneDNN fp16
   kernels DeepSpeed refuses fp16 ("Type fp16 is not supported on your device"); the refusal is
@@ -79,7 +83,8 @@ def build(case: str):
         if precision == "fp16":
             accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
             accelerator.native_amp = True
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+        kind = {"fused": {"fused": True}, "foreach": {"foreach": True}}.get(case.split("_")[-1], {})
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, **kind)
     else:
         stage = int(case[4])
         precision = case.split("_")[1] if case.split("_")[1] in ("bf16", "fp16") else "no"
@@ -114,7 +119,7 @@ def full_weights(model, accelerator) -> dict[str, torch.Tensor]:
 def run_case(case: str) -> dict:
     slimfit, model, optimizer, accelerator, log = build(case)
     rank = accelerator.process_index
-    overflow = case in ("ddp_fp16", "zero2_fp16", "zero2_overflow")
+    overflow = case in ("ddp_fp16", "ddp_fp16_fused", "ddp_fp16_foreach", "zero2_fp16", "zero2_overflow")
     losses, record = [], {"case": case}
     # The dtype a linear layer computes in (Accelerate casts the model's outputs back to fp32).
     query = model.module.bert.encoder.layer[0].attention.self.query
@@ -128,7 +133,8 @@ def run_case(case: str) -> dict:
         step = slimfit.controller.step
         force = overflow and micro == OVERFLOW_AT
         if force:
-            before = {"step": step, "weights": full_weights(model, accelerator),
+            scaler = accelerator.scaler
+            before = {"step": step, "scale": scaler.get_scale() if scaler is not None else None, "weights": full_weights(model, accelerator),
                       "scores": slimfit.controller.scores.clone(), "ended": len(log.ended),
                       "trained_steps": dict(slimfit.controller.stats.trained_steps)}
         with slimfit.step():
@@ -141,7 +147,9 @@ def run_case(case: str) -> dict:
         if force:
             after = full_weights(model, accelerator)
             record["overflow"] = {
-                "skipped": bool(optimizer.step_was_skipped),
+                # Accelerate's flag is False for a fused optimizer (the scaler still calls step()).
+                "skipped": (bool(optimizer.step_was_skipped) if before["scale"] is None
+                            else scaler.get_scale() < before["scale"]),
                 "step_before": before["step"], "step_after": slimfit.controller.step,
                 "scores_unchanged": torch.equal(before["scores"], slimfit.controller.scores),
                 "scorer_calls_during": len(log.ended) - before["ended"],
