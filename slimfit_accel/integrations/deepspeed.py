@@ -64,9 +64,11 @@ class ZeroStepBackend:
 
     ``before_step`` runs right before the basic optimizer's first update of a real step (steps
     DeepSpeed skips on fp16 overflow never reach it), ``after_step`` once the whole ZeRO step is
-    done. With several parameter groups and no offload, DeepSpeed builds each group's flat
-    gradient just before stepping that group; ``views`` then takes the other groups' gradients
-    from DeepSpeed's per-parameter partitions, which are not clipped yet.
+    done. ZeRO-1/2 unscales and clips each group's gradient just before stepping that group (and,
+    without offload, builds its flat gradient only then), so at ``before_step`` the other groups'
+    gradients are still loss-scaled and unclipped: ``views`` gives them divided by the factor
+    DeepSpeed applies to every group of the step (as fp32 copies), so scorers see one scale.
+    (ZeRO-3 with several parameter groups still hands later groups' gradients scaled.)
     """
 
     def __init__(self, engine: Any):
@@ -134,6 +136,9 @@ class ZeroStepBackend:
         self._in_zero_step = False
         self._began = False
         self._lr_scale = 1.0
+        # ZeRO-1/2: this step's 1/(loss scale x clip factor), and the flat gradients so divided.
+        self._unscale_factor: torch.Tensor | None = None
+        self._unscaled: set[int] = set()
 
     # ---------------------------------------------------------------------------- protocol
     @property
@@ -153,6 +158,8 @@ class ZeroStepBackend:
             (self.engine, "save_checkpoint", self._save_checkpoint),
             (self.engine, "load_checkpoint", self._load_checkpoint),
         )
+        if not self._stage3:
+            wrapped += ((self.zero_optimizer, "unscale_and_clip_grads", self._unscale_and_clip),)
         for owner, attribute, hook in wrapped:
             original = getattr(owner, attribute)
 
@@ -247,13 +254,33 @@ class ZeroStepBackend:
     # ---------------------------------------------------------------------------- stepping
     def _zero_step(self, original, *args, **kwargs):
         self._in_zero_step, self._began = True, False
+        self._unscale_factor, self._unscaled = None, set()
         try:
             result = original(*args, **kwargs)
         finally:
             self._in_zero_step = False
+            self._unscale_factor, self._unscaled = None, set()
         if self._began:  # not skipped (fp16 overflow)
             self._finish()
         return result
+
+    def _unscale_and_clip(self, original, grad_groups_flat, total_norm, *args, **kwargs):
+        """DeepSpeed's per-group unscale-and-clip; also learns the factor it applies (the same for
+        every group of a step) by running it on a probe, and notes which gradients it divided."""
+        result = original(grad_groups_flat, total_norm, *args, **kwargs)
+        flat = [g for item in grad_groups_flat for g in (item if isinstance(item, list) else [item])]
+        if self._unscale_factor is None and flat:
+            probe = torch.ones(1, dtype=torch.float32, device=flat[0].device)
+            original([probe], total_norm, *args, **kwargs)
+            self._unscale_factor = probe
+        self._unscaled.update(id(g) for g in flat)
+        return result
+
+    def _as_unscaled(self, grad: torch.Tensor) -> torch.Tensor:
+        """A gradient DeepSpeed has not unscaled and clipped yet, as it will be (an fp32 copy)."""
+        if self._unscale_factor is None:
+            return grad
+        return grad.float() * self._unscale_factor.to(grad.device)
 
     def _finish(self) -> None:
         for key in self._managed:
@@ -390,7 +417,9 @@ class ZeroStepBackend:
     def _grad(self, piece: _Slice, param: torch.nn.Parameter) -> torch.Tensor | None:
         grad = piece.flat.grad
         if grad is not None:
-            return grad.detach().narrow(0, piece.start, piece.numel)
+            view = grad.detach().narrow(0, piece.start, piece.numel)
+            # With offload every group's flat gradient exists, but only those stepped are unscaled.
+            return view if self._stage3 or id(grad) in self._unscaled else self._as_unscaled(view)
         if piece.numel == 0:
             return piece.flat.detach().narrow(0, piece.start, 0)
         # Without offload, a group's flat gradient exists only while DeepSpeed steps that group;
@@ -404,7 +433,8 @@ class ZeroStepBackend:
             return None
         if grad is None:
             return None
-        return grad.detach().reshape(-1).narrow(0, 0, piece.numel)
+        grad = grad.detach().reshape(-1).narrow(0, 0, piece.numel)
+        return grad if self._stage3 else self._as_unscaled(grad)
 
     def _table(self) -> dict[int, _Slice]:
         """id(module parameter) -> its slice of this rank's fp32 master partition (built once)."""
