@@ -25,6 +25,11 @@ Models: ``--model bert`` (sequence classification) or ``--model llama`` (a Llama
 random init, causal LM loss; e.g. ``--hidden 2048 --layers 8 --heads 16 --intermediate 5504
 --seq-len 512 --vocab 32000``).
 
+Packages: the LoRA, BAdam and GaLore arms need the ``bench`` extra (``pip install
+'slimfit-accel[bench]'``); every requested arm's packages are checked before the first arm runs.
+Results are written after every finished arm (``--json``, by default ``runs/memory/``), marked
+``"complete": false`` until the last one, so a run that stops keeps what it measured.
+
 Quick check::
 
     python benchmarks/memory.py --layers 2 --hidden 128 --heads 2 --intermediate 512 \
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -59,6 +65,11 @@ from slimfit_accel import SlimFit  # noqa: E402
 from slimfit_accel.compression import CompressionEngine, CompressionPolicy, CompressorSpec  # noqa: E402
 from slimfit_accel.memory import MemoryMeter, format_bytes  # noqa: E402
 
+#: Import name -> (distribution, slimfit-accel extra that installs it), for the arms' requirements.
+PACKAGES = {"transformers": ("transformers", "recipes"), "peft": ("peft", "bench"), "badam": ("badam", "bench"),
+            "galore_torch": ("galore-torch", "bench")}
+#: What every arm imports (the models).
+BASE_REQUIRES = ("transformers",)
 ARMS = ["full", "full_checkpointing", "lora", "lisa", "badam", "galore", "slimfit_freeze", "slimfit_compress", "slimfit_default", "slimfit_default_ratio", "slimfit_best"]
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "slimfit_accel" / "configs" / "demo.yaml"
 CUDA_ARMS = ["full_offload"]
@@ -122,6 +133,16 @@ class HostOffload:
 
 
 # ------------------------------------------------------------------------------------- arms
+def requires(*modules: str) -> Callable[[Callable], Callable]:
+    """Declare the import names an arm needs beyond ``BASE_REQUIRES`` (checked before any arm runs)."""
+
+    def mark(builder: Callable) -> Callable:
+        builder.requires = modules
+        return builder
+
+    return mark
+
+
 # Each returns (model, optimizer, meter, step context factory, cleanup, whether the step
 # context already runs the meter: SlimFit's step() enters its own meter, ``slimfit.memory``).
 # Arms built on SlimFit (LISA-style included) start from the steady state: AdamW state for every
@@ -162,6 +183,7 @@ def arm_full_checkpointing(args, device):
     return model, optimizer, MemoryMeter(model, optimizer), None, None, False
 
 
+@requires("peft")
 def arm_lora(args, device):
     from peft import LoraConfig, get_peft_model
 
@@ -173,6 +195,7 @@ def arm_lora(args, device):
     return model, optimizer, MemoryMeter(model, optimizer), None, None, False
 
 
+@requires("badam")
 def arm_badam(args, device):
     """BAdam from its package: one block trains at a time (switched every 100 steps, as in its
     paper), the head always; Adam state for that block only, plus BAdam's fp32 copy of it."""
@@ -190,6 +213,7 @@ def arm_badam(args, device):
     return model, optimizer, MemoryMeter(model, optimizer.base_optimizer), None, None, False
 
 
+@requires("galore_torch")
 def arm_galore(args, device):
     """GaLore from its package (``galore_torch.GaLoreAdamW``): attention and FFN weight matrices
     get low-rank projected Adam state (rank ``--galore-rank``, projection updated every 200
@@ -301,6 +325,38 @@ def arm_full_offload(args, device):
 
 
 ARM_BUILDERS: dict[str, Callable] = {name: globals()[f"arm_{name}"] for name in ARMS + CUDA_ARMS}
+
+
+def is_installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def missing_packages(arms: list[str], installed: Callable[[str], bool] = is_installed) -> str | None:
+    """One line naming the arms whose packages are not installed, the packages and the extra to
+    install; None when every arm can run."""
+    missing: dict[str, list[str]] = {}  # import name -> arms that need it
+    for name in arms:
+        for module in BASE_REQUIRES + getattr(ARM_BUILDERS[name], "requires", ()):
+            if not installed(module):
+                missing.setdefault(module, []).append(name)
+    if not missing:
+        return None
+    names = list(dict.fromkeys(arm for needing in missing.values() for arm in needing))
+    packages = [PACKAGES.get(module, (module, None))[0] for module in missing]
+    extras = sorted({PACKAGES[module][1] for module in missing if module in PACKAGES})
+    install = f"pip install 'slimfit-accel[{','.join(extras)}]'" if extras else f"pip install {' '.join(packages)}"
+    return (f"arm{'s' if len(names) > 1 else ''} {', '.join(names)} need{'s' if len(names) == 1 else ''} "
+            f"package{'s' if len(packages) > 1 else ''} {', '.join(packages)}: {install}")
+
+
+def write_results(path: Path, config: dict[str, Any], results: list[dict[str, Any]], complete: bool,
+                  failed: dict[str, str] | None = None) -> None:
+    """The JSON so far, replaced atomically: valid after every arm, ``complete`` only at the end."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {"config": config, "complete": complete, "arms": results} | ({"failed": failed} if failed else {})
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(document, indent=2))
+    partial.replace(path)
 
 
 # ------------------------------------------------------------------------------------- running
@@ -434,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", default=None, help=f"subset of {ARMS + CUDA_ARMS}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", type=Path, default=None, help="write results here after every arm")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write results here after every arm (default: runs/memory/MODEL-TIME.json)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -442,22 +499,33 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(arms) - set(ARM_BUILDERS)
     if unknown:
         parser.error(f"unknown arms {sorted(unknown)}; choose from {ARMS + CUDA_ARMS}")
+    missing = missing_packages(arms)
+    if missing:  # before the first arm: not after an hour of the others
+        print(f"error: {missing} (or leave those arms out with --arms)", file=sys.stderr)
+        return 2
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    out = args.json or Path("runs") / "memory" / f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     config = {
         "model": f"{args.model} (random init)", "default_config": str(DEFAULT_CONFIG), "galore_rank": args.galore_rank, "layers": args.layers, "hidden": args.hidden, "heads": args.heads,
         "intermediate": args.intermediate, "vocab": args.vocab, "seq_len": args.seq_len, "batches": args.batch,
         "freeze_ratio": args.freeze_ratio, "optimizer": "AdamW fp32", "warmup_steps": args.warmup,
         "measured_steps": args.steps, "device": str(device), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "host": platform.node(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "threads": torch.get_num_threads(), "host": platform.node(), "started": started,
     }
+    print(f"results go to {out}, written after every arm", flush=True)
     results: list[dict[str, Any]] = []
     for batch_size in args.batch:
         for name in arms:
             print(f"arm {name}, batch {batch_size}", flush=True)
-            results.append(run_arm(name, args, batch_size, device))
-            if args.json is not None:
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps({"config": config, "arms": results}, indent=2))
+            try:
+                results.append(run_arm(name, args, batch_size, device))
+            except BaseException as err:  # keep what was measured, say what stopped it
+                write_results(out, config, results, complete=False,
+                              failed={"arm": name, "batch": batch_size, "error": f"{type(err).__name__}: {err}"})
+                raise
+            write_results(out, config, results, complete=len(results) == len(arms) * len(args.batch))
     print(render_table(results))
+    print(f"wrote {out}")
     return 0
 
 

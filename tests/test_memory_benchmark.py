@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -17,13 +18,19 @@ TINY = ["--layers", "2", "--hidden", "64", "--heads", "2", "--intermediate", "12
         "--seq-len", "32", "--batch", "4", "--warmup", "2", "--steps", "1"]
 
 
-def run_benchmark(tmp_path: Path, *extra: str) -> dict:
+def load_benchmark():
     spec = importlib.util.spec_from_file_location("memory_benchmark", BENCHMARK)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def run_benchmark(tmp_path: Path, *extra: str) -> dict:
     out = tmp_path / "memory.json"
-    assert module.main([*TINY, *extra, "--json", str(out)]) == 0
-    return {arm["name"]: arm for arm in json.loads(out.read_text())["arms"]}
+    assert load_benchmark().main([*TINY, *extra, "--json", str(out)]) == 0
+    document = json.loads(out.read_text())
+    assert document["complete"] is True
+    return {arm["name"]: arm for arm in document["arms"]}
 
 
 @pytest.mark.parametrize("model", ["bert", "llama"])
@@ -40,3 +47,60 @@ def test_memory_benchmark_default_config_saves_at_steady_state(tmp_path, model):
     # moments for at most 20% of the schedulable parameters, plus the always-trained ones.
     assert arms["slimfit_default"]["steady_state"]["optimizer_device_bytes"] < 0.5 * arms["full"]["steady_state"]["optimizer_device_bytes"]
     assert arms["slimfit_best"]["steady_state"]["total_bytes"] < arms["full_checkpointing"]["steady_state"]["total_bytes"]
+
+
+def test_missing_packages_stop_the_run_before_the_first_arm_with_one_line(tmp_path, capsys, monkeypatch):
+    """As a newcomer without the bench extra: refused at once, not after the arms before BAdam."""
+    module = load_benchmark()
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("badam", "galore_torch") else find_spec(name, *a))
+    out = tmp_path / "memory.json"
+    assert module.main([*TINY, "--arms", "full", "badam", "lisa", "galore", "--json", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        "error: arms badam, galore need packages badam, galore-torch: pip install 'slimfit-accel[bench]' (or leave those arms out with --arms)"
+    ]
+    assert "arm full" not in captured.out and not out.exists()
+
+
+def test_missing_packages_names_each_arms_packages_and_extra():
+    module = load_benchmark()
+    assert module.missing_packages(["full", "lora", "badam"], installed=lambda name: True) is None
+    assert module.missing_packages(["full", "lora", "badam"], installed=lambda name: name != "peft") == (
+        "arm lora needs package peft: pip install 'slimfit-accel[bench]'")
+    every = module.missing_packages(["full", "lora"], installed=lambda name: name not in ("transformers", "peft"))
+    assert every == "arms full, lora need packages transformers, peft: pip install 'slimfit-accel[bench,recipes]'"
+
+
+def test_the_extras_named_hold_the_packages():
+    import tomllib
+
+    extras = tomllib.loads((BENCHMARK.parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for module, (distribution, extra) in load_benchmark().PACKAGES.items():
+        names = {re.split(r"[<>=!~;\[ ]", requirement)[0].lower() for requirement in extras[extra]}
+        assert distribution in names, (module, extra)
+
+
+def test_results_are_written_after_every_arm_and_kept_when_an_arm_fails(tmp_path, monkeypatch):
+    module = load_benchmark()
+    seen_at_second_arm = []
+    run_arm = module.run_arm
+
+    def spy(name, *args):
+        if name == "full_checkpointing":
+            seen_at_second_arm.append(json.loads(out.read_text()))
+        return run_arm(name, *args)
+
+    def crash(args, device):
+        raise ModuleNotFoundError("No module named 'badam'")
+
+    monkeypatch.setattr(module, "run_arm", spy)
+    monkeypatch.setitem(module.ARM_BUILDERS, "lisa", crash)
+    out = tmp_path / "memory.json"
+    with pytest.raises(ModuleNotFoundError):
+        module.main([*TINY, "--arms", "full", "full_checkpointing", "lisa", "--json", str(out)])
+    [after_first] = seen_at_second_arm
+    assert after_first["complete"] is False and [a["name"] for a in after_first["arms"]] == ["full"]
+    kept = json.loads(out.read_text())
+    assert kept["complete"] is False and [a["name"] for a in kept["arms"]] == ["full", "full_checkpointing"]
+    assert kept["failed"] == {"arm": "lisa", "batch": 4, "error": "ModuleNotFoundError: No module named 'badam'"}
