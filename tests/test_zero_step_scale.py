@@ -1,9 +1,11 @@
-"""Under DeepSpeed ZeRO-2: ``grad_norm`` scores on one scale across param groups (fp16 loss
-scaling, clipping, with and without offload), and ``lr_scale`` restored when an update raises.
+"""Under DeepSpeed ZeRO-2 and ZeRO-3: ``grad_norm`` scores on one scale across param groups
+and ZeRO-3 sub-groups (fp16 loss scaling, bf16, clipping, with and without offload), and
+``lr_scale`` restored when an update raises.
 
 All cases run in one 2-process launch of tests/workers/zero_step_scale_worker.py (see its
-docstring). ZeRO-1/2 unscales and clips each param group's gradient just before stepping that
-group, after the scorer has read every group: the split into groups must not change the scores.
+docstring). ZeRO unscales and clips each param group's (ZeRO-3: sub-group's) gradient just
+before stepping it, after the scorer has read every group: the split into groups must not change
+the scores, and under ZeRO-3 the scorer must see, bit for bit, the gradient DeepSpeed steps.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from conftest import WORKERS
 
 pytestmark = pytest.mark.slow
 
-CASES = ["fp16_one_group", "fp16_two_groups", "fp16_two_groups_offload", "lr_raise_once"]
+Z3_CASES = ["fp16_z3_one_group", "fp16_z3_two_groups", "fp16_z3_two_groups_offload", "fp16_z3_sub_groups",
+            "bf16_z3_one_group", "bf16_z3_two_groups"]
+CASES = ["fp16_one_group", "fp16_two_groups", "fp16_two_groups_offload", *Z3_CASES, "lr_raise_once"]
 STEPS, LR = 5, 3e-3
 
 
@@ -35,16 +39,35 @@ def results(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("case", ["fp16_two_groups", "fp16_two_groups_offload"])
-def test_grad_norm_scores_do_not_depend_on_param_groups(results, case):
-    reference, split = results["fp16_one_group"], results[case]
-    assert reference["loss_scale"] > 1.0  # loss scaling was on
+@pytest.mark.parametrize("reference_case, case", [
+    ("fp16_one_group", "fp16_two_groups"),
+    ("fp16_one_group", "fp16_two_groups_offload"),
+    ("fp16_z3_one_group", "fp16_z3_two_groups"),
+    ("fp16_z3_one_group", "fp16_z3_two_groups_offload"),
+    ("fp16_z3_one_group", "fp16_z3_sub_groups"),
+    ("bf16_z3_one_group", "bf16_z3_two_groups"),
+])
+def test_grad_norm_scores_do_not_depend_on_param_groups(results, reference_case, case):
+    reference, split = results[reference_case], results[case]
+    if case.startswith("fp16"):
+        assert reference["loss_scale"] > 1.0  # loss scaling was on
+    assert all(norm > reference["clip"] for norm in reference["grad_norms"]), reference["grad_norms"]  # clipping acted
     assert split["steps"] == reference["steps"] == STEPS
     assert len(split["scores"]) == len(reference["scores"]) == STEPS
     for step, (want, got) in enumerate(zip(reference["scores"], split["scores"])):
         assert got.keys() == want.keys(), f"step {step}: other units trained"
         for name, score in want.items():
             assert got[name] == pytest.approx(score, rel=1e-3), f"step {step}, {name}: {got[name]} vs {score}"
+
+
+@pytest.mark.parametrize("case", Z3_CASES)
+def test_zero3_scorers_see_the_gradient_deepspeed_steps(results, case):
+    result = results[case]
+    if case.endswith("sub_groups"):
+        assert result["sub_groups"] > 1, result["sub_groups"]
+    assert result["compared"] > 0
+    # (micro-step, unit, norm the scorer saw / norm DeepSpeed stepped) for each unit that differs
+    assert result["differ"] == [], result["differ"][:10]
 
 
 def test_lr_scale_is_restored_when_the_zero_update_raises(results):

@@ -64,11 +64,11 @@ class ZeroStepBackend:
 
     ``before_step`` runs right before the basic optimizer's first update of a real step (steps
     DeepSpeed skips on fp16 overflow never reach it), ``after_step`` once the whole ZeRO step is
-    done. ZeRO-1/2 unscales and clips each group's gradient just before stepping that group (and,
-    without offload, builds its flat gradient only then), so at ``before_step`` the other groups'
-    gradients are still loss-scaled and unclipped: ``views`` gives them divided by the factor
-    DeepSpeed applies to every group of the step (as fp32 copies), so scorers see one scale.
-    (ZeRO-3 with several parameter groups still hands later groups' gradients scaled.)
+    done. ZeRO unscales and clips each group's gradient (ZeRO-3: each sub-group's, several per
+    group under a small ``sub_group_size``) just before stepping it, and without offload builds
+    its flat fp32 gradient only then, so at ``before_step`` the later groups' gradients are still
+    loss-scaled and unclipped: ``views`` gives them divided by the factor DeepSpeed applies to
+    every group of the step (as fp32 copies), so scorers see what DeepSpeed steps.
     """
 
     def __init__(self, engine: Any):
@@ -136,7 +136,8 @@ class ZeroStepBackend:
         self._in_zero_step = False
         self._began = False
         self._lr_scale = 1.0
-        # ZeRO-1/2: this step's 1/(loss scale x clip factor), and the flat gradients so divided.
+        # This step's 1/(loss scale x clip factor), and the gradients so divided (ZeRO-1/2: ids
+        # of the flat gradients; ZeRO-3: ids of the sub-groups' fp32 partitions).
         self._unscale_factor: torch.Tensor | None = None
         self._unscaled: set[int] = set()
 
@@ -158,8 +159,8 @@ class ZeroStepBackend:
             (self.engine, "save_checkpoint", self._save_checkpoint),
             (self.engine, "load_checkpoint", self._load_checkpoint),
         )
-        if not self._stage3:
-            wrapped += ((self.zero_optimizer, "unscale_and_clip_grads", self._unscale_and_clip),)
+        unscale = self._unscale_and_clip_sub_group if self._stage3 else self._unscale_and_clip
+        wrapped += ((self.zero_optimizer, "unscale_and_clip_grads", unscale),)
         for owner, attribute, hook in wrapped:
             original = getattr(owner, attribute)
 
@@ -274,6 +275,27 @@ class ZeroStepBackend:
             original([probe], total_norm, *args, **kwargs)
             self._unscale_factor = probe
         self._unscaled.update(id(g) for g in flat)
+        return result
+
+    def _unscale_and_clip_sub_group(self, original, sub_group_id, total_norm, *args, **kwargs):
+        """ZeRO-3's unscale-and-clip of one sub-group's fp32 gradient; also learns the factor it
+        applies (the same for every sub-group of a step) by running it once more with a probe in
+        that sub-group's place, and notes which sub-groups it divided."""
+        result = original(sub_group_id, total_norm, *args, **kwargs)
+        zero = self.zero_optimizer
+        flats = zero.fp32_partitioned_groups_flat
+        if self._unscale_factor is None:
+            grad = flats[sub_group_id].grad
+            stand_in = torch.zeros(1, dtype=grad.dtype, device=grad.device)
+            stand_in.grad = torch.ones_like(stand_in)
+            # The method reads the gradient it divides from this list, by sub-group id.
+            zero.fp32_partitioned_groups_flat = [stand_in if i == sub_group_id else f for i, f in enumerate(flats)]
+            try:
+                original(sub_group_id, total_norm, *args, **kwargs)
+            finally:
+                zero.fp32_partitioned_groups_flat = flats
+            self._unscale_factor = stand_in.grad
+        self._unscaled.add(id(flats[sub_group_id]))
         return result
 
     def _as_unscaled(self, grad: torch.Tensor) -> torch.Tensor:
@@ -419,11 +441,13 @@ class ZeroStepBackend:
         if grad is not None:
             view = grad.detach().narrow(0, piece.start, piece.numel)
             # With offload every group's flat gradient exists, but only those stepped are unscaled.
-            return view if self._stage3 or id(grad) in self._unscaled else self._as_unscaled(view)
+            unscaled = id(piece.flat if self._stage3 else grad) in self._unscaled
+            return view if unscaled else self._as_unscaled(view)
         if piece.numel == 0:
             return piece.flat.detach().narrow(0, piece.start, 0)
         # Without offload, a group's flat gradient exists only while DeepSpeed steps that group;
-        # before that the gradient waits in DeepSpeed's per-parameter partition.
+        # before that the gradient waits, loss-scaled and unclipped, in DeepSpeed's per-parameter
+        # partition (ZeRO-3 divides a copy of it, so the partition stays scaled all step).
         try:
             if self._stage3:
                 grad = self.zero_optimizer.get_local_fp32_grad_for_param(param)
@@ -433,8 +457,7 @@ class ZeroStepBackend:
             return None
         if grad is None:
             return None
-        grad = grad.detach().reshape(-1).narrow(0, 0, piece.numel)
-        return grad if self._stage3 else self._as_unscaled(grad)
+        return self._as_unscaled(grad.detach().reshape(-1).narrow(0, 0, piece.numel))
 
     def _table(self) -> dict[int, _Slice]:
         """id(module parameter) -> its slice of this rank's fp32 master partition (built once)."""
