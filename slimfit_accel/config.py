@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .chunked_loss import DEFAULT_CHUNK_SIZE
 from .compression.policy import CompressionPolicy
 from .errors import ConfigError
 from .spec import StrategySpec
@@ -63,6 +64,19 @@ class CheckpointingConfig(BaseModel):
     blocks: Literal["all"] | int | list[int] = "all"
 
 
+class ChunkedLossConfig(BaseModel):
+    """A causal LM's loss computed a chunk of tokens at a time (``chunked_loss.py``): the
+    batch x length x vocab logits never exist whole in training; loss and gradients equal the
+    standard path's. ``chunk_size``: tokens per chunk (its fp32 logits, chunk x vocab, are the
+    working memory). ``backend``: ``torch`` (chunked, any device), ``liger`` (liger-kernel's fused
+    linear cross-entropy; needs CUDA and the package), ``auto`` (liger where it applies, else torch).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, gt=0)
+    backend: Literal["auto", "torch", "liger"] = "auto"
+
+
 class SlimFitConfig(BaseModel):
     """The whole SlimFit config.
 
@@ -83,6 +97,9 @@ class SlimFitConfig(BaseModel):
     (the LR scheduler and the logged rate are untouched). A unit trains in only a fraction of
     the steps, so it takes larger steps when it does; the default config uses 3 (measured in
     ``benchmarks/RESULTS.md``). 1 leaves the optimizer as the user built it.
+
+    ``chunked_loss``: ``true`` or ``{chunk_size: N, backend: ...}`` computes a causal LM's
+    training loss without materialising its logits (see ``ChunkedLossConfig``); off when absent.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -96,6 +113,14 @@ class SlimFitConfig(BaseModel):
     optimizer_paging: bool = False
     checkpointing: CheckpointingConfig | None = None
     lr_scale: float = Field(default=1.0, gt=0.0, le=100.0)
+    chunked_loss: ChunkedLossConfig | None = None
+
+    @field_validator("chunked_loss", mode="before")
+    @classmethod
+    def _chunked_loss_switch(cls, value: Any) -> Any:
+        if value is True:
+            return {}
+        return None if value is False else value
 
 
 def load_config(source: str | Path | Mapping[str, Any] | SlimFitConfig) -> SlimFitConfig:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .checkpointing import BlockCheckpointing
+from .chunked_loss import disable_chunked_loss, enable_chunked_loss
 from .compression import CompressionEngine, CompressionPolicy, slimfit_policy, slimfit_reference_policy
 from .config import SlimFitConfig, load_config
 from .controller import FreezeController
@@ -90,7 +91,10 @@ class SlimFit:
         user froze, such as a PEFT base model, stays frozen and never becomes a unit.
         DDP and DeepSpeed record which parameters train when they wrap the model, so every unit
         must be trainable then; freezing is applied per step afterwards.
+        With ``chunked_loss`` set, a causal LM's loss is computed without its logits from now on.
         """
+        if self.config.chunked_loss is not None:
+            enable_chunked_loss(model, self.config.chunked_loss.chunk_size, self.config.chunked_loss.backend)
         self.units = discover_units(model, self.config.units)
         self.model = model
         for unit in self.units.all:
@@ -206,7 +210,9 @@ class SlimFit:
 
     def detach(self) -> None:
         """Stop: every unit trainable again (parameters the user froze stay frozen: they are not
-        units), optimizer and compression hooks removed."""
+        units), optimizer and compression hooks removed, the model's own loss back."""
+        if self.config.chunked_loss is not None and self.model is not None:
+            disable_chunked_loss(self.model)
         if self.checkpointing is not None:
             self.checkpointing.detach()
             self.checkpointing = None
