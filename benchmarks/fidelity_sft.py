@@ -359,21 +359,27 @@ def _bytes(n: float | None) -> str:
 def table(results: dict[str, Any]) -> str:
     """Per task: one row per (arm, lr) with mean and spread over seeds, memory, step time; then
     each arm's best lr (by exact match, or by eval loss where there is none)."""
-    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, str, float], list[dict[str, Any]]] = {}
     for key, rec in results["runs"].items():
         task, arm, _, _ = key.split("/")
-        groups.setdefault((task, arm, rec["lr"]), []).append(rec)
+        groups.setdefault((task, rec["setting_id"], arm, rec["lr"]), []).append(rec)
     lines = []
-    for task in sorted({t for t, _, _ in groups}):
-        base = next((b for k, b in results.get("baselines", {}).items() if k.startswith(task + "/")), None)
-        lines.append(f"\n### {task}" + (f" (untrained: eval loss {base['eval_loss']:.4f}, perplexity {base['perplexity']:.2f}"
-                                          + (f", exact match {base['exact_match']:.4f}" if "exact_match" in base else "") + ")" if base else ""))
+    for task, setting_id in sorted({(t, s) for t, s, _, _ in groups}):
+        base = results.get("baselines", {}).get(f"{task}/{setting_id}")
+        setting = next(recs[0]["setting"] for (t, s, _, _), recs in groups.items() if (t, s) == (task, setting_id))
+        short = ", ".join(f"{k} {setting[k]}" for k in ("max_steps", "eval_limit") if setting.get(k) is not None)
+        lines.append(f"\n### {task} (setting {setting_id}{': ' + short if short else ''})")
+        if base:
+            lines.append(f"untrained: eval loss {base['eval_loss']:.4f}, perplexity {base['perplexity']:.2f}"
+                         + (f", exact match {base['exact_match']:.4f}" if "exact_match" in base else ""))
+        full = [recs for (t, s, arm, _), recs in groups.items() if (t, s, arm) == (task, setting_id, "full")]
+        full_total = full[0][0]["memory"]["peak"]["total"] if full else None
         lines += ["| arm | lr | seeds | exact match mean | spread | eval loss mean | spread | perplexity | "
-                  "params | grads | optimizer (+paged) | activations | peak total | s/step | trainable share |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "params | grads | optimizer (+paged) | activations | peak total | full / arm | s/step | trainable share |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         best: dict[str, tuple[float, float]] = {}
-        for (t, arm, lr), recs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2])):
-            if t != task:
+        for (t, s, arm, lr), recs in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][3])):
+            if (t, s) != (task, setting_id):
                 continue
             em = [r["exact_match"] for r in recs if "exact_match" in r]
             loss = [r["eval_loss"] for r in recs]
@@ -382,11 +388,14 @@ def table(results: dict[str, Any]) -> str:
             if arm not in best or quality > best[arm][1]:
                 best[arm] = (lr, quality)
             em_cells = f"{statistics.fmean(em):.4f} | {min(em):.4f}-{max(em):.4f}" if em else "- | -"
+            ratio = f"{full_total / peak['total']:.2f}x" if full_total else "-"
             lines.append(
                 f"| {arm} | {lr:g} | {','.join(str(r['seed']) for r in recs)} | {em_cells} | "
                 f"{statistics.fmean(loss):.4f} | {min(loss):.4f}-{max(loss):.4f} | {math.exp(statistics.fmean(loss)):.2f} | "
                 f"{_bytes(peak['params'])} | {_bytes(peak['grads'])} | {_bytes(peak['optimizer'])} (+{_bytes(peak.get('optimizer_paged', 0))}) | "
-                f"{_bytes(peak['activations'])} | {_bytes(peak['total'])} | {statistics.fmean(r['seconds_per_step'] for r in recs):.2f} | "
+                f"{_bytes(peak['activations'])} | {_bytes(peak['total'])} | "
+                f"{ratio} | "
+                f"{statistics.fmean(r['seconds_per_step'] for r in recs):.2f} | "
                 f"{statistics.fmean(r['trainable_fraction'] for r in recs):.3f} |"
             )
         lines.append("best lr per arm: " + ", ".join(f"{arm} {lr:g}" for arm, (lr, _) in sorted(best.items())))
