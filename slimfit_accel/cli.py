@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slimfit-accel", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"slimfit-accel {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("finetune", help="fine-tune a classifier with SlimFit (see: slimfit-accel finetune --help)")
+    commands.add_parser("finetune", help="fine-tune a classifier or a causal LM (SFT) with SlimFit (see: slimfit-accel finetune --help)")
     plugins = commands.add_parser("plugins", help="list loaded plugins, their strategies and hooks")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     check = commands.add_parser("check-config", help="validate a SlimFit YAML config, and its first decision on a model")

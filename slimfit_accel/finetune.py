@@ -1,8 +1,9 @@
-"""Fine-tune a classifier with SlimFit, under any Accelerate setup: your data, your model.
+"""Fine-tune a classifier or a causal language model (SFT) with SlimFit, under any Accelerate
+setup: your data, your model.
 
-Read top to bottom. ``main``: arguments -> cheap checks of every input (flags, SlimFit configs,
-checkpoint, model folder; nothing is read or written yet) -> Accelerator -> data -> one run, or
-one per ``--compare`` arm. Each run has four phases: ``setup`` (model, SlimFit, optimizer,
+Read top to bottom. ``main``: arguments -> cheap checks of every input (flags, the task, SlimFit
+configs, checkpoint, model folder; nothing is read or written yet) -> Accelerator -> data -> one
+run, or one per ``--compare`` arm. Each run has four phases: ``setup`` (model, SlimFit, optimizer,
 schedule, prepare, first evaluation), ``train_loop`` (steps, checkpoints, per-epoch evaluation),
 ``finish`` (report, summary.json, final model) and ``cleanup`` (SlimFit detached, every
 reference dropped, device memory freed). What depends on the task (model, data, scores) comes
@@ -11,13 +12,19 @@ change what you need; data sources and tasks live in ``slimfit_accel/recipes/``.
 
     slimfit-accel finetune --train-file reviews.csv --text-column review --label-column stars \\
         --model ./my-bert --output-dir runs/reviews
+    slimfit-accel finetune --task sft --model smollm2 --train-file chats.jsonl --eval-generate 100 \\
+        --mixed-precision bf16 --output-dir runs/chat
     accelerate launch --config_file accelerate_configs/zero2_offload.yaml launch/finetune.py \\
         --slimfit-config launch/configs/demo.yaml
     python -m slimfit_accel.finetune --compare full,slimfit --output-dir runs/compare
     torchrun --nproc_per_node 2 -m slimfit_accel.finetune  # DDP on CPU (gloo)
 
+``--task auto`` (the default) is SFT (``recipes/sft_task.py``) when the training rows have a
+``messages`` column or ``prompt`` and ``completion`` columns, else classification
+(``recipes/classification.py``); plain ``text`` rows are language modelling with ``--task sft``.
+
 Defaults: the packaged all-MiniLM-L6-v2 and 2000 / 1000 Rotten Tomatoes snippets (split by
-movie), 2 epochs, batch 32, 64 tokens, AdamW with linear decay and no warm-up (as SlimFit).
+movie), 2 epochs, batch 32, 64 tokens (SFT: 1024), AdamW with linear decay and no warm-up (as SlimFit).
 The command line (``cli``) runs offline unless ``HF_HUB_OFFLINE`` says otherwise; importing
 this module changes no setting.
 """
@@ -50,19 +57,23 @@ from transformers import get_scheduler
 
 from slimfit_accel import SlimFit
 from slimfit_accel.memory import MemoryMeter
-from slimfit_accel.model_assets import default_model_path
+from slimfit_accel.model_assets import PACKAGED, default_model_path, resolve_model
 from slimfit_accel.recipes import RecipeError
 from slimfit_accel.recipes.checkpoints import checkpoint_dir, read_state, resolve_resume, save_checkpoint
 from slimfit_accel.recipes.classification import ClassificationTask
 from slimfit_accel.recipes.data import BUILTIN
 from slimfit_accel.recipes.protocol import Inputs, Task
+from slimfit_accel.recipes.sft_task import SFTTask, is_sft_columns, peek_columns
 from slimfit_accel.recipes.summary import write_summary
 
 LR_SCHEDULERS = ("linear", "constant", "cosine")
 TRACKERS = ("tensorboard", "wandb", "all", "none")
+TASKS = ("auto", "classification", "sft")
+PRECISIONS = ("no", "bf16", "fp16")
 #: Settings a resumed run must share with the run that saved the checkpoint (else batches and steps differ).
 RESUME_SAME = ("train_file", "test_file", "dataset", "train_size", "test_size", "split_seed", "seed", "epochs",
-               "batch_size", "grad_accum", "max_length", "lr", "lr_scheduler", "warmup_ratio", "max_steps")
+               "batch_size", "grad_accum", "max_length", "lr", "lr_scheduler", "warmup_ratio", "max_steps", "task",
+               "train_on_prompt")
 
 
 def default_slimfit_config() -> str:
@@ -73,15 +84,20 @@ def default_slimfit_config() -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="slimfit-accel finetune",
-        description="Fine-tune a text or image classifier with SlimFit (or compare it with full fine-tuning).",
+        description="Fine-tune a text or image classifier, or a causal language model (SFT), with SlimFit "
+                    "(or compare it with full fine-tuning and its peers).",
     )
+    parser.add_argument("--task", choices=TASKS, default="auto",
+                        help="auto: sft when the rows have 'messages' or 'prompt' + 'completion' columns, else classification; "
+                             "sft also trains on plain 'text' rows (language modelling)")
     slimfit = parser.add_mutually_exclusive_group()
     slimfit.add_argument("--slimfit-config", metavar="PATH", default=None,
                          help="SlimFit YAML config (default: the packaged demo config)")
     slimfit.add_argument("--no-slimfit", action="store_true",
                          help="plain full fine-tuning, for comparison")
-    parser.add_argument("--model", metavar="PATH", default=None,
-                        help="local Hugging Face model folder (default: packaged all-MiniLM-L6-v2)")
+    parser.add_argument("--model", metavar="PATH|NAME", default=None,
+                        help=f"local Hugging Face model folder, a .gguf file or a folder holding one, or a packaged model "
+                             f"({', '.join(PACKAGED)}) (default: packaged all-MiniLM-L6-v2)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", metavar="NAME|DIR", default="rotten_tomatoes",
@@ -99,7 +115,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=2)
     train.add_argument("--batch-size", type=int, default=32, help="per process")
-    train.add_argument("--max-length", type=int, default=64, help="tokens per text")
+    train.add_argument("--max-length", type=int, default=None, help="tokens per row (default: 64; SFT: 1024); SFT counts "
+                                                                      "the completions it cuts and skips rows left with nothing to learn")
+    train.add_argument("--mixed-precision", choices=PRECISIONS, default=None,
+                       help="autocast precision given to the Accelerator (default: Accelerate's, e.g. from its config); "
+                            "the weights and optimizer state stay fp32; fp16 needs a GPU")
     train.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate")
     train.add_argument("--weight-decay", type=float, default=0.01)
     train.add_argument("--warmup-ratio", type=float, default=0.0, help="share of the steps spent warming the learning rate up")
@@ -107,6 +127,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     train.add_argument("--seed", type=int, default=0, help="head initialisation and data order (not the split: --split-seed)")
     train.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (smoke tests)")
+
+    sft = parser.add_argument_group("supervised fine-tuning (--task sft)")
+    labels = sft.add_mutually_exclusive_group()
+    labels.add_argument("--completion-only", dest="train_on_prompt", action="store_false",
+                        help="loss on the completion / assistant tokens only (the default)")
+    labels.add_argument("--train-on-prompt", dest="train_on_prompt", action="store_true",
+                        help="loss on every token, prompts included")
+    sft.set_defaults(train_on_prompt=False)
+    sft.add_argument("--eval-generate", type=int, default=0, metavar="N",
+                     help="greedy answers to the first N test prompts, scored by exact match (after whitespace/case normalisation)")
 
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", metavar="DIR", default=None,
@@ -116,7 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="continue from OUTPUT/checkpoints/step_N, or the newest one under --output-dir")
     out.add_argument("--report-to", choices=TRACKERS, default="none", help="log loss, lr, trainable share and activation bytes per step")
     out.add_argument("--compare", metavar="ARMS", default=None,
-                     help="train these arms on the same data, split and seed and compare them: full,slimfit[,freeze_only,lisa,lora]")
+                     help="train these arms on the same data, split and seed and compare them: "
+                          "full,slimfit[,freeze_only,lisa,lora,badam,galore]")
     return parser.parse_args(argv)
 
 
@@ -128,6 +159,8 @@ def check_args(args: argparse.Namespace) -> None:
     for flag, value in at_least_one.items():
         if value is not None and value < 1:
             raise RecipeError(f"{flag} must be at least 1, got {value}")
+    if args.eval_generate < 0:
+        raise RecipeError(f"--eval-generate must be 0 or more, got {args.eval_generate}")
     if not args.lr > 0:
         raise RecipeError(f"--lr must be positive, got {args.lr}")
     if not 0 <= args.warmup_ratio < 1:
@@ -136,6 +169,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise RecipeError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
     if args.test_file and not args.train_file:
         raise RecipeError("--test-file needs --train-file")
+    check_precision(args.mixed_precision)
     if args.compare and args.resume_from_checkpoint:
         raise RecipeError("--resume-from-checkpoint resumes one run; it cannot be combined with --compare")
     if args.report_to in ("tensorboard", "all") or args.report_to == "wandb":
@@ -149,7 +183,20 @@ def check_args(args: argparse.Namespace) -> None:
             raise RecipeError(f"--report-to {args.report_to} needs --output-dir (the logs go to OUTPUT/logs)")
 
 
-def build_accelerator(grad_accum: int, find_unused_parameters: bool, report_to: str = "none", output_dir: str | None = None) -> Accelerator:
+def check_precision(flag: str | None) -> None:
+    """fp16 without a GPU is refused: Accelerate then turns it off without a word (no autocast, no
+    loss scaling; ``Accelerator.__init__`` enables them on accelerators only), so the run would be
+    fp32 while it says fp16. DeepSpeed decides fp16 itself (and refuses it where unsupported)."""
+    precision = flag or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if precision == "fp16" and not torch.cuda.is_available() and not deepspeed:
+        where = "--mixed-precision fp16" if flag else "mixed_precision fp16 (from the accelerate config)"
+        raise RecipeError(f"{where}: Accelerate runs fp16 on a GPU only and would train in fp32 here without saying so; "
+                          f"use --mixed-precision bf16 (CPU autocast) or no")
+
+
+def build_accelerator(grad_accum: int, find_unused_parameters: bool, report_to: str = "none", output_dir: str | None = None,
+                      mixed_precision: str | None = None) -> Accelerator:
     """An Accelerator that also works with no GPU, with a reproducible data order.
 
     Without a GPU, Accelerate only sets up a process group when told to: gloo for DeepSpeed
@@ -158,7 +205,8 @@ def build_accelerator(grad_accum: int, find_unused_parameters: bool, report_to: 
     so it is only set without DeepSpeed; a single unlaunched process must not ask for gloo (no
     process group is made for it). Frozen units get no gradient, so under SlimFit DDP must not
     expect one (``find_unused_parameters``). The seedable sampler draws epoch e's order from
-    (seed, e), which is what lets a resumed run take the same batches.
+    (seed, e), which is what lets a resumed run take the same batches. ``mixed_precision``: None
+    leaves Accelerate's own choice (its config or environment).
     """
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
     cpu = False
@@ -168,11 +216,25 @@ def build_accelerator(grad_accum: int, find_unused_parameters: bool, report_to: 
         if launched:
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
     trackers = None if report_to == "none" else report_to
+    _forget_other_precision(mixed_precision)
     return Accelerator(
-        cpu=cpu, gradient_accumulation_steps=grad_accum, kwargs_handlers=handlers,
+        cpu=cpu, gradient_accumulation_steps=grad_accum, kwargs_handlers=handlers, mixed_precision=mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         log_with=trackers, project_dir=output_dir if trackers else None,
     )
+
+
+def _forget_other_precision(mixed_precision: str | None) -> None:
+    """Accelerate keeps one precision per process (``AcceleratorState``): a second run in the same
+    process (``main`` called again, a test) would keep the first run's autocast without a word
+    when it asks for Accelerate's default, and fail when it asks for another. The state is
+    dropped then (the process group, ``PartialState``, stays), so each run gets what it asks for."""
+    from accelerate.state import AcceleratorState
+
+    held = AcceleratorState._shared_state.get("_mixed_precision")  # noqa: SLF001 (Accelerate keeps it there)
+    wanted = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if held is not None and held != wanted:
+        AcceleratorState._reset_state()  # noqa: SLF001
 
 
 @dataclass
@@ -185,10 +247,27 @@ class Plan:
     resume: Path | None
 
 
+def choose_task(args: argparse.Namespace) -> Task:
+    """``--task``; ``auto`` looks at the training rows' column names only (``peek_columns``)."""
+    if args.task == "sft" or (args.task == "auto" and is_sft_columns(peek_columns(args))):
+        return SFTTask()
+    return ClassificationTask()
+
+
 def check_inputs(args: argparse.Namespace, task: Task | None = None) -> Plan:
     """Every input that can be checked without reading data, checked: a ``RecipeError`` (or the
-    config's ``ConfigError``) names the first problem before anything is loaded or written."""
+    config's ``ConfigError``) names the first problem before anything is loaded or written.
+    Settles ``args.max_length`` (the task's default when not given)."""
     check_args(args)
+    task = task or choose_task(args)
+    args.task = getattr(task, "name", args.task)  # what auto chose: recorded, and what a resumed run must match
+    if args.max_length is None:
+        args.max_length = getattr(task, "default_max_length", 64)
+    if getattr(task, "name", None) != "sft":
+        for flag, given in (("--eval-generate", args.eval_generate), ("--train-on-prompt", args.train_on_prompt)):
+            if given:
+                raise RecipeError(f"{flag} is for supervised fine-tuning, and these rows make a classification task; "
+                                  f"pass --task sft with 'messages', 'prompt' + 'completion' or 'text' rows")
     config = args.slimfit_config or default_slimfit_config()
     if args.compare:
         from slimfit_accel.recipes.compare import arm_slimfits
@@ -204,10 +283,9 @@ def check_inputs(args: argparse.Namespace, task: Task | None = None) -> Plan:
             raise RecipeError(f"--resume-from-checkpoint {resume}: it was made with --{key.replace('_', '-')} {then}, "
                               f"this run has {now}; resume with the same settings")
     try:
-        model_path = args.model or default_model_path()
+        model_path = resolve_model(args.model) if args.model else default_model_path()  # a GGUF file converts once, cached
     except ImportError as err:
         raise RecipeError(" ".join(str(err).split())) from None
-    task = task or ClassificationTask()
     task.check_model(model_path)
     return Plan(model_path, task, arms, resume)
 
@@ -218,7 +296,7 @@ def main(argv: list[str] | None = None, task: Task | None = None) -> dict:
     args = parse_args(argv)
     plan = check_inputs(args, task)
     accelerator = build_accelerator(args.grad_accum, find_unused_parameters=plan.arms.get("run") is not None,
-                                    report_to=args.report_to, output_dir=args.output_dir)
+                                    report_to=args.report_to, output_dir=args.output_dir, mixed_precision=args.mixed_precision)
     if not accelerator.is_local_main_process:  # one copy of the logs and progress bars
         transformers.logging.set_verbosity_error()
         datasets.disable_progress_bars()
@@ -252,20 +330,21 @@ def compare(args: argparse.Namespace, task: Task, inputs: Inputs, arms: dict[str
     cleaned up before the next starts; ``arms`` is emptied as they run, because an arm's SlimFit
     holds its model.
     """
-    from slimfit_accel.recipes.compare import add_lora, write_comparison
+    from slimfit_accel.recipes.compare import arm_options, write_comparison
 
     output = Path(args.output_dir or "runs/compare")
     results: dict[str, dict] = {}
     before = None  # the same untrained model in every arm: evaluated once
     for name in list(arms):
         slimfit = arms.pop(name)
-        arm_accelerator = build_accelerator(args.grad_accum, find_unused_parameters=slimfit is not None,
-                                            report_to=args.report_to, output_dir=args.output_dir)
+        options = arm_options(name, task)
+        arm_accelerator = build_accelerator(args.grad_accum, find_unused_parameters=slimfit is not None or name == "badam",
+                                            report_to=args.report_to, output_dir=args.output_dir, mixed_precision=args.mixed_precision)
         run = run_once(args, task, inputs, arm_accelerator, slimfit, output_dir=str(output / name), label=f"[{name}] ",
-                       before=before, adapt=add_lora if name == "lora" else None)
+                       before=before, **options)
         results[name], before = run.result, run.before
         del run, slimfit, arm_accelerator  # the accelerator still lists the arm's freeze controller
-    return write_comparison(results, output, accelerator, inputs.data.sizes)
+    return write_comparison(results, output, accelerator, inputs.data.sizes, task)
 
 
 @dataclass
@@ -305,12 +384,14 @@ class TrainingRun:
 
 def setup(args: argparse.Namespace, task: Task, inputs: Inputs, accelerator: Accelerator, slimfit: SlimFit | None,
           output_dir: str | None = None, resume: Path | None = None, label: str = "", before: dict | None = None,
-          adapt: Callable | None = None) -> TrainingRun:
+          adapt: Callable | None = None, make_optimizer: Callable | None = None) -> TrainingRun:
     """Model, SlimFit, loaders, optimizer and schedule, prepared; the first evaluation; a checkpoint loaded.
 
     ``slimfit=None``: full fine-tuning, measured by the same meter. ``before``: the untrained
     model's scores when already known (arms of a comparison share them). ``adapt``: turns the
-    loaded model into what trains (e.g. LoRA adapters around it).
+    loaded model into what trains (e.g. LoRA adapters around it). ``make_optimizer(model, args,
+    total_steps)``: another optimizer than AdamW (BAdam, GaLore); one wrapping a
+    ``base_optimizer`` is measured by that base's state.
     """
     set_seed(args.seed)  # head initialisation and the data order
     model = task.build_model(inputs)
@@ -331,7 +412,10 @@ def setup(args: argparse.Namespace, task: Task, inputs: Inputs, accelerator: Acc
     total_steps = math.ceil(batches_per_process / args.grad_accum) * args.epochs
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if make_optimizer is not None:
+        optimizer = make_optimizer(model, args, total_steps)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     # Accelerate steps a prepared scheduler once per process per optimizer step.
     warm_constant = args.lr_scheduler == "constant" and args.warmup_ratio > 0  # transformers names it apart
     lr_sched = get_scheduler(
@@ -347,11 +431,12 @@ def setup(args: argparse.Namespace, task: Task, inputs: Inputs, accelerator: Acc
         slimfit.attach(accelerator, model, optimizer, total_steps=total_steps)
         meter, step_context = slimfit.memory, slimfit.step
     else:  # full fine-tuning: the same meter, nothing frozen
-        meter = MemoryMeter(model, optimizer)
+        wrapped = getattr(optimizer.optimizer, "base_optimizer", None) if make_optimizer is not None else None
+        meter = MemoryMeter(model, wrapped or optimizer)
         step_context = meter.step
 
     before = before or task.evaluate(accelerator, model, test_dl, inputs)
-    accelerator.print(f"{label}before training (untrained head): {task.describe(before, inputs)}")
+    accelerator.print(f"{label}before training ({task.untrained}): {task.describe(before, inputs)}")
     run = TrainingRun(args, task, inputs, accelerator, slimfit, model, optimizer, lr_sched, train_dl, test_dl, meter,
                       step_context, total_steps, before, output_dir=output_dir, label=label, adapters=adapt is not None)
     if resume is not None:
@@ -397,9 +482,10 @@ def train_loop(run: TrainingRun) -> None:
                     break
                 step_started = time.perf_counter()
             run.after = run.task.evaluate(accelerator, model, run.test_dl, run.inputs)
-            run.epochs.append({"epoch": epoch + 1, "step": run.steps, **run.after})
+            numbers = {name: value for name, value in run.after.items() if isinstance(value, (int, float))}
+            run.epochs.append({"epoch": epoch + 1, "step": run.steps, **numbers})
             if args.report_to != "none":
-                accelerator.log({f"test_{name}": value for name, value in run.after.items()}, step=run.steps)
+                accelerator.log({f"test_{name}": value for name, value in numbers.items()}, step=run.steps)
             if accelerator.is_main_process:  # above the progress bar, not glued to it
                 progress.write(f"{run.label}epoch {epoch + 1}: {run.task.describe(run.after, run.inputs)}", file=sys.stdout)
     finally:
@@ -439,11 +525,14 @@ def finish(run: TrainingRun) -> dict:
     accelerator.print(f"{label}trained {run.steps} optimizer steps ({seconds_per_step:.2f} s/step, {accelerator.num_processes} process(es))")
     accelerator.print(f"{label}before training: {run.task.describe(run.before, run.inputs)}")
     accelerator.print(f"{label}after training:  {run.task.describe(run.after, run.inputs)}")
+    for line in run.task.details(run.after, run.inputs):
+        accelerator.print(f"{label}{line}")
     report = None
     if run.slimfit is not None:
         report = run.slimfit.report()  # every rank calls it: the report may gather across ranks
         accelerator.print(report.render())
     run.result = {
+        "task": getattr(run.task, "name", type(run.task).__name__),
         **run.task.results(run.before, run.after, run.inputs),
         "epochs": run.epochs,
         "steps": run.steps,
@@ -462,7 +551,7 @@ def finish(run: TrainingRun) -> dict:
                 **{k: v for k, v in run.result.items() if k != "report"}, "freeze": _freeze_summary(run.result["report"]),
                 "data": run.task.data_summary(run.inputs),
                 "args": vars(args), "slimfit_config": run.slimfit.config.model_dump(mode="json") if run.slimfit is not None else None,
-                "processes": accelerator.num_processes,
+                "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
             })
         accelerator.print(f"{label}wrote {output_dir}/summary.json and the model to {output_dir}/final")
     if args.report_to != "none":

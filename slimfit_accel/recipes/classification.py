@@ -29,6 +29,13 @@ from .tasks import check_model_folder, check_vocabulary, encode, load_model, loa
 class ClassificationTask:
     """See the module docstring; implements ``protocol.Task``."""
 
+    name = "classification"
+    untrained = "untrained head"
+    new_head = True
+    peft_task_type = None
+    default_max_length = 64
+    compare_columns = (("accuracy", "accuracy_after", ".3f"), ("macro-F1", "macro_f1", ".3f"))
+
     def check_model(self, model_path: str) -> None:
         check_model_folder(model_path)
 
@@ -61,6 +68,9 @@ class ClassificationTask:
         majority, baseline = self._baseline(inputs)
         return describe(scores, baseline, inputs.data.label_names[majority])
 
+    def details(self, scores: dict[str, float], inputs: Inputs) -> list[str]:
+        return []
+
     def results(self, before: dict[str, float], after: dict[str, float], inputs: Inputs) -> dict[str, Any]:
         majority, baseline = self._baseline(inputs)
         return {
@@ -70,6 +80,11 @@ class ClassificationTask:
             "macro_f1_before": before["macro_f1"],
             "majority_baseline": {"class": inputs.data.label_names[majority], **baseline},
         }
+
+    def compare_note(self, result: dict[str, Any]) -> str:
+        baseline = result["majority_baseline"]
+        return (f"majority-class baseline (always {baseline['class']!r}): accuracy {baseline['accuracy']:.3f}, "
+                f"macro-F1 {baseline['macro_f1']:.3f}")
 
     def data_summary(self, inputs: Inputs) -> dict[str, Any]:
         data: LabeledData = inputs.data
