@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .chunked_loss import DEFAULT_CHUNK_SIZE
 from .compression.policy import CompressionPolicy
@@ -90,6 +90,12 @@ class SlimFitConfig(BaseModel):
     DDP; a no-op (with a warning) under DeepSpeed ZeRO, whose ``offload_optimizer`` keeps the
     state on host instead.
 
+    ``master_weights``: ``host`` keeps each weight once on the device, in bf16, and the fp32
+    master weights of what the optimizer trains in host memory with the optimizer state,
+    streamed through the step with it (``master_weights.py``); bit-identical to mixed-precision
+    AdamW with fp32 masters. Needs ``optimizer_paging: true``. Under DeepSpeed, whose bf16 keeps
+    fp32 masters in its own optimizer, a no-op with a warning; refused under FSDP2.
+
     ``checkpointing``: frozen-aware activation checkpointing of transformer blocks (see
     ``CheckpointingConfig``); off when absent.
 
@@ -111,6 +117,7 @@ class SlimFitConfig(BaseModel):
     )
     compression: Literal["slimfit", "reference", "none"] | CompressionPolicy = "slimfit"
     optimizer_paging: bool = False
+    master_weights: Literal["host"] | None = None
     checkpointing: CheckpointingConfig | None = None
     lr_scale: float = Field(default=1.0, gt=0.0, le=100.0)
     chunked_loss: ChunkedLossConfig | None = None
@@ -121,6 +128,14 @@ class SlimFitConfig(BaseModel):
         if value is True:
             return {}
         return None if value is False else value
+
+    @model_validator(mode="after")
+    def _master_weights_need_paging(self) -> "SlimFitConfig":
+        if self.master_weights is not None and not self.optimizer_paging:
+            raise ValueError(
+                "master_weights: host streams the masters with the optimizer state: set optimizer_paging: true"
+            )
+        return self
 
 
 def load_config(source: str | Path | Mapping[str, Any] | SlimFitConfig) -> SlimFitConfig:

@@ -16,6 +16,9 @@ so it means the same on CPU, CUDA or anything else:
   to host memory by ``optimizer_paging`` (``paging.py``) is not in it but in ``optimizer_paged``
   (not part of ``total``: it is off the accelerator; on CPU, what would be); the state paging
   streams through the step is counted while it is resident (``optimizer_resident_changed``).
+- ``master_paged``: fp32 master weights kept in host memory (``master_weights: host``); not in
+  ``total``, like ``optimizer_paged``. Parameters are then the bf16 device weights; the masters
+  and fp32 gradients of the chunk being stepped count in ``optimizer`` while on the device.
 - ``activations``: tensors autograd saves for backward, from a ``CompressionEngine``'s byte
   counters: ``activations_raw`` is what autograd would keep, ``activations`` what is kept (after
   compression). Without an engine of its own to read, the meter installs one that compresses
@@ -187,6 +190,7 @@ class StepMemory:
     peak_cuda: int | None = None
     time_s: float = 0.0
     optimizer_paged: int = 0
+    master_paged: int = 0
 
     @property
     def compression_ratio(self) -> float:
@@ -237,7 +241,7 @@ def rank_scope(optimizer: Any = None) -> RankScope:
     return scope
 
 
-_SUMMED = ("params", "grads", "optimizer", "activations", "activations_raw", "total", "optimizer_paged")
+_SUMMED = ("params", "grads", "optimizer", "activations", "activations_raw", "total", "optimizer_paged", "master_paged")
 
 
 @dataclass
@@ -275,12 +279,19 @@ class MemoryReport:
         table.add_column("peak over steps", justify="right")
         if self.all_ranks is not None:
             table.add_column(f"last step, sum of {self.scope.world_size} ranks", justify="right")
+        masters = bool(self.peak.master_paged)
+        optimizer_label = "optimizer state"
+        if masters:
+            optimizer_label += ", fp32 masters and gradients streamed through the step, on device (peak)"
+        elif self.peak.optimizer_paged:
+            optimizer_label += ", on device (peak)"
         rows = [
-            ("parameters", "params"),
+            ("parameters" + (" (bf16)" if masters else ""), "params"),
             ("gradients (peak live)", "grads"),
             # under paging: the most the streamed optimizer step held on the device at once
-            ("optimizer state" + (", on device (peak)" if self.peak.optimizer_paged else ""), "optimizer"),
+            (optimizer_label, "optimizer"),
             *([("optimizer state, paged to host", "optimizer_paged")] if self.peak.optimizer_paged else []),
+            *([("fp32 master weights, on host", "master_paged")] if masters else []),
             ("saved activations, raw (peak live)", "activations_raw"),
             ("saved activations, stored (peak live)", "activations"),
             ("total (peak of the sum)", "total"),
@@ -354,7 +365,8 @@ class MemoryMeter:
     ``engine``: the ``CompressionEngine`` whose counters give the saved activations (e.g.
     ``slimfit.compression``); whoever owns it enters its ``step()``. Without one, the meter makes
     a counting engine (no compression, stock LayerNorm) and enters it in ``step()`` itself; pass
-    ``count_activations=False`` to count no activations at all.
+    ``count_activations=False`` to count no activations at all. ``masters``: the fp32 master
+    weights kept on host (``master_weights: host``), reported as ``master_paged``.
     """
 
     def __init__(
@@ -364,9 +376,11 @@ class MemoryMeter:
         engine: CompressionEngine | None = None,
         *,
         count_activations: bool = True,
+        masters: Any = None,
     ):
         self.model = model
         self.optimizer = optimizer
+        self.masters = masters
         self._own_engine = engine is None and count_activations
         self.engine = counting_engine(model).attach() if self._own_engine else engine
         self._counter = self.engine._counter if self.engine is not None else None  # noqa: SLF001 (engine's byte counter)
@@ -404,7 +418,10 @@ class MemoryMeter:
         paged = paged_optimizer_bytes(self.optimizer) if self.optimizer is not None else 0
         self._extra_grads = 0
         self._grads.watch(self.model.parameters())
-        current = self._current = StepMemory(step=self._steps, params=self._params, optimizer=self._optimizer, optimizer_paged=paged)
+        masters = self.masters.host_bytes() if self.masters is not None else 0
+        current = self._current = StepMemory(
+            step=self._steps, params=self._params, optimizer=self._optimizer, optimizer_paged=paged, master_paged=masters
+        )
         self._update()
         start = time.perf_counter()
         with ExitStack() as stack:

@@ -28,6 +28,14 @@ holds for every ``torch.optim`` optimizer but LBFGS. A step given a closure (whi
 gradients inside the step) is not streamed: the state of every parameter is brought in for it
 and paged out after. After a streamed step the trained parameters' ``.grad`` is None.
 
+With ``masters`` (``master_weights: host``, ``master_weights.py``) the fp32 master weights of a
+bf16 model live on host too and are streamed with the state: a chunk's masters are copied in
+with its state, stepped in the parameters' place (the optimizer's own update, on the fp32 cast
+of the bf16 gradients), rounded into the parameters' bf16 storage and copied back out. The
+meter counts a chunk's masters and fp32 gradients as device-resident optimizer bytes while
+they are on the device. The optimizer's ``state_dict`` then carries the masters and its
+``load_state_dict`` restores them, keeping the state fp32 and in host memory.
+
 Applies to ``torch.optim`` optimizers, one device or DDP (each rank pages its own state).
 Under DeepSpeed ZeRO the state lives in flat partitions that cannot be split by parameter:
 there ``optimizer_paging`` is a no-op (SlimFit warns once at attach, nothing is copied, so
@@ -42,10 +50,15 @@ Example (on its own; SlimFit's ``optimizer_paging: true`` does this for you)::
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
+
+from .errors import IntegrationError
+
+if TYPE_CHECKING:
+    from .master_weights import MasterWeights
 
 _PAGED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -69,13 +82,24 @@ class OptimizerPaging:
     ``pin``: pin host copies (default: when the parameters are on CUDA), so copies can be
     asynchronous. ``chunk_bytes``: parameters stepped together, in bytes of parameters.
     ``listeners`` are called with the change in device-resident state bytes after every move
-    (the memory meter follows the state this way).
+    (the memory meter follows the state this way). ``masters``: fp32 master weights of a bf16
+    model, streamed with the state (see the module docstring).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, pin: bool | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        pin: bool | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        masters: "MasterWeights | None" = None,
+    ):
         self.optimizer = optimizer
         self.pin = pin
         self.chunk_bytes = chunk_bytes
+        self.masters = masters
+        self._resident_masters: dict[int, torch.Tensor] = {}  # id(param) -> its master on the device
+        self._standing_in: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, master stepped for it)
+        self._loading: tuple | None = None
         self.listeners: list[Callable[[int], None]] = []
         self._stream = None
         self.paged_out = 0  # tensors copied out so far (for tests and reports)
@@ -84,21 +108,35 @@ class OptimizerPaging:
         self._handles: list = []
 
     # ---------------------------------------------------------------- the calls
-    def install(self) -> "OptimizerPaging":
-        """Stream every ``optimizer.step()`` from now on (step pre- and post-hooks)."""
-        self._handles = [
-            self.optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.stream_step(args, kwargs)),
-            self.optimizer.register_step_post_hook(lambda opt, args, kwargs: self.evict()),
-        ]
+    def install(self, step_hooks: bool = True) -> "OptimizerPaging":
+        """Stream every ``optimizer.step()`` from now on (step pre- and post-hooks); with
+        masters, also carry them in the optimizer's ``state_dict`` and ``load_state_dict``.
+        ``step_hooks=False``: the caller's own step hooks call ``stream_step`` and ``evict``
+        (``TorchStepBackend`` does, to hold ``lr_scale`` around the update)."""
+        self._handles = []
+        if step_hooks:
+            self._handles += [
+                self.optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.stream_step(args, kwargs)),
+                self.optimizer.register_step_post_hook(lambda opt, args, kwargs: self.evict()),
+            ]
+        if self.masters is not None:
+            self._handles += [
+                self.optimizer.register_state_dict_post_hook(self._save_masters),
+                self.optimizer.register_load_state_dict_pre_hook(self._take_loaded_masters),
+                self.optimizer.register_load_state_dict_post_hook(self._load_masters),
+            ]
         self.evict()
         return self
 
     def remove(self) -> None:
-        """Undo ``install``: hooks removed, every state tensor back where the optimizer keeps it."""
+        """Undo ``install``: hooks removed, every state tensor back where the optimizer keeps it;
+        with ``masters``, every parameter that has one is its fp32 master again, on its device."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
         self.resident_all()
+        if self.masters is not None:
+            self.masters.restore()
 
     def evict(self) -> None:
         """Page out every resident state tensor (before forward; after a step with a closure)."""
@@ -115,9 +153,17 @@ class OptimizerPaging:
         args = args[1:] if args and args[0] is self.optimizer else args  # a step hook's args start with it
         closure = kwargs.get("closure", args[0] if args else None)
         if closure is not None or update is None:
+            if self.masters is not None:
+                raise IntegrationError(
+                    "master_weights: host streams each step's master weights chunk by chunk, which a step with a "
+                    "closure (LBFGS-style) cannot do: call optimizer.step() without a closure."
+                )
             self._bring_all_in()
             return
-        chunks = self._chunks([p for p in self._params() if p.grad is not None])
+        stepped = [p for p in self._params() if p.grad is not None]
+        if self.masters is not None:
+            self._check_masters(stepped)
+        chunks = self._chunks(stepped)
         groups = self.optimizer.param_groups
         group_params = [group["params"] for group in groups]
         group_of = {id(p): i for i, params in enumerate(group_params) for p in params}
@@ -130,17 +176,23 @@ class OptimizerPaging:
                 next_event = self._bring_in(chunks[index + 1]) if prefetch and index + 1 < len(chunks) else None
                 for group in groups:
                     group["params"] = []
-                for param in chunk:
-                    groups[group_of[id(param)]]["params"].append(param)
                 before = self._resident_bytes(chunk)
+                for param in chunk:  # with masters, each parameter's master is stepped in its place
+                    groups[group_of[id(param)]]["params"].append(self._stand_in(param))
                 update(self.optimizer, *args, **kwargs)
+                self._state_back()
                 self._announce(self._resident_bytes(chunk) - before)  # state created by the update
+                self._masters_back(write=True)
                 self._announce(-sum(self._page_out(p) for p in chunk))
                 for param in chunk:
                     param.grad = None
                 self.chunks_stepped += 1
                 event = next_event if prefetch else (self._bring_in(chunks[index + 1]) if index + 1 < len(chunks) else None)
         finally:
+            self._state_back()  # after an update that raised: masters and weights as they were
+            self._masters_back(write=False)
+            self._announce(-sum(_nbytes(m) for m in self._resident_masters.values()))
+            self._resident_masters = {}
             for group, params in zip(groups, group_params):
                 group["params"] = params
             self._host_copies_done()
@@ -156,21 +208,27 @@ class OptimizerPaging:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _chunks(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-        """Smallest first; consecutive parameters together while under ``chunk_bytes``."""
+        """Smallest first; consecutive parameters together while under ``chunk_bytes`` (of the
+        parameters stepped: with masters, of the fp32 masters)."""
+        size_of = (lambda p: p.numel() * 4) if self.masters is not None else _nbytes
         chunks: list[list[torch.Tensor]] = []
         size = 0
-        for param in sorted(params, key=_nbytes):
-            if chunks and size + _nbytes(param) <= self.chunk_bytes:
+        for param in sorted(params, key=size_of):
+            if chunks and size + size_of(param) <= self.chunk_bytes:
                 chunks[-1].append(param)
-                size += _nbytes(param)
+                size += size_of(param)
             else:
                 chunks.append([param])
-                size = _nbytes(param)
+                size = size_of(param)
         return chunks
 
-    def _bring_in(self, params: Iterable[torch.Tensor]):
-        """Page the state of ``params`` in; on CUDA asynchronously: returns the event to wait for."""
+    def _bring_in(self, params: Iterable[torch.Tensor], masters: bool = True):
+        """Page the state of ``params`` in, and their masters if any (``masters``); on CUDA
+        asynchronously: returns the event to wait for."""
+        params = list(params)
         moved = sum(self._page_in(p) for p in params)
+        if masters and self.masters is not None:
+            moved += sum(self._master_in(p) for p in params)
         self._announce(moved)
         if self._stream is None:
             return None
@@ -179,7 +237,7 @@ class OptimizerPaging:
         return event
 
     def _bring_all_in(self) -> None:
-        event = self._bring_in(self._params())
+        event = self._bring_in(self._params(), masters=False)
         if event is not None:
             torch.cuda.current_stream().wait_event(event)
 
@@ -250,6 +308,139 @@ class OptimizerPaging:
             moved += _nbytes(resident)
             self.paged_in += 1
         return moved
+
+
+    # ---------------------------------------------------------------- masters
+    def _check_masters(self, stepped: list[torch.Tensor]) -> None:
+        missing = [p for p in stepped if self.masters.of(p) is None]
+        if missing:
+            raise IntegrationError(
+                f"{len(missing)} parameters have a gradient but no fp32 master weight (e.g. one of shape "
+                f"{tuple(missing[0].shape)}): they were not trainable when slimfit.prepare_model ran, so "
+                "master_weights: host made them bf16 only. Make them trainable before prepare_model."
+            )
+
+    def _master_in(self, param: torch.Tensor) -> int:
+        """Copy ``param``'s fp32 master to the device (on the side stream on CUDA)."""
+        host = self.masters.of(param).host
+        stream = self._side_stream(param.device)
+        if stream is not None:
+            with torch.cuda.stream(stream):
+                resident = host.to(param.device, non_blocking=True)
+            resident.record_stream(torch.cuda.current_stream(param.device))
+        else:
+            resident = host.clone()  # a new "device" tensor, as for the state
+        self._resident_masters[id(param)] = resident
+        return _nbytes(resident)
+
+    def _stand_in(self, param: torch.Tensor) -> torch.Tensor:
+        """What the update steps for ``param``: the parameter itself, or (with masters) its fp32
+        master holding the fp32 gradient and the parameter's state; the bf16 gradient is released."""
+        if self.masters is None:
+            return param
+        master = self._resident_masters.pop(id(param))
+        master.grad = param.grad.to(torch.float32)
+        param.grad = None
+        state = self.optimizer.state
+        if param in state:
+            state[master] = state.pop(param)
+        self._standing_in.append((param, master))
+        self._announce(_nbytes(master.grad))
+        return master
+
+    def _state_back(self) -> None:
+        """The state of the masters stepped in the parameters' place, back under the parameters."""
+        state = self.optimizer.state
+        for param, master in self._standing_in:
+            if master in state:
+                state[param] = state.pop(master)
+
+    def _masters_back(self, write: bool) -> None:
+        """Release the stepped masters; with ``write``, each first rounded into its parameter's
+        own bf16 storage (views of the weights see it) and copied back to host."""
+        standing, self._standing_in = self._standing_in, []
+        for param, master in standing:
+            released = _nbytes(master)
+            if master.grad is not None:
+                released += _nbytes(master.grad)
+                master.grad = None
+            if write:
+                with torch.no_grad():
+                    param.copy_(master)
+                self._master_out(self.masters.of(param).host, master)
+            self._announce(-released)
+
+    def _master_out(self, host: torch.Tensor, master: torch.Tensor) -> None:
+        stream = self._side_stream(master.device)
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(master.device))  # the update wrote it
+            with torch.cuda.stream(stream):
+                host.copy_(master, non_blocking=True)
+            master.record_stream(stream)
+        else:
+            host.copy_(master)
+
+    # ---------------------------------------------------------------- checkpoints with masters
+    def _index(self) -> dict[int, int]:
+        """id(param) -> the index ``Optimizer.state_dict`` gives it."""
+        index: dict[int, int] = {}
+        start = 0
+        for group in self.optimizer.param_groups:
+            for i, param in enumerate(group["params"], start):
+                index.setdefault(id(param), i)
+            start += len(group["params"])
+        return index
+
+    def _save_masters(self, optimizer, state_dict: dict) -> None:
+        index = self._index()
+        state_dict["master_weights"] = {index[id(m.param)]: m.host for m in self.masters if id(m.param) in index}
+
+    def _take_loaded_masters(self, optimizer, state_dict: dict) -> dict | None:
+        """Keep the state of parameters with masters away from torch, which would cast it to
+        the bf16 parameters' dtype (``_load_masters`` puts it back, fp32 and on host)."""
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = self._params()
+        if len(saved_ids) != len(params):
+            return None  # torch says what does not match
+        by_id = dict(zip(saved_ids, params))
+        with_master = {i for i, p in by_id.items() if self.masters.of(p) is not None}
+        saved = state_dict.get("master_weights")
+        missing = sorted(with_master - set(saved or {}))
+        if missing:
+            raise IntegrationError(
+                f"this optimizer checkpoint has no master weight for {len(missing)} parameters (e.g. "
+                f"{self.masters.of(by_id[missing[0]]).name!r}): it was saved without master_weights: host. "
+                "Resume with the config it was trained with."
+            )
+        kept = {i: s for i, s in state_dict["state"].items() if i in with_master}
+        self._loading = (by_id, saved, kept, state_dict["param_groups"])
+        return {**state_dict, "state": {i: s for i, s in state_dict["state"].items() if i not in with_master}}
+
+    def _load_masters(self, optimizer) -> None:
+        if self._loading is None:
+            return
+        by_id, saved, kept, saved_groups = self._loading
+        self._loading = None
+        for i, value in saved.items():
+            master = self.masters.of(by_id[i]) if i in by_id else None
+            if master is not None:
+                self.masters.load_master(master, value)
+        for i, state in kept.items():
+            param = by_id[i]
+            self.optimizer.state[param] = {key: self._loaded_state(param, key, value, i, saved_groups) for key, value in state.items()}
+
+    def _loaded_state(self, param: torch.Tensor, key: Any, value: Any, index: int, saved_groups: list) -> Any:
+        """A loaded state value: floating tensors fp32 as saved and straight into host memory
+        (paged: no device copy of the whole state at load), the rest as torch loads it."""
+        if not isinstance(value, torch.Tensor):
+            return value
+        if key == "step" or not value.is_floating_point():
+            return torch.optim.Optimizer._process_value_according_to_param_policy(param, value, index, saved_groups, key)
+        pin = self.pin if self.pin is not None else param.is_cuda
+        host = torch.empty(value.shape, dtype=value.dtype, pin_memory=pin)
+        host.copy_(value)
+        _PAGED[host] = param.device
+        return host
 
 
 def paged_bytes(optimizer: torch.optim.Optimizer) -> int:

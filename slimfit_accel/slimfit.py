@@ -35,6 +35,7 @@ from .config import SlimFitConfig, load_config
 from .controller import FreezeController
 from .errors import IntegrationError
 from .integrations.fsdp import FSDP1_REFUSAL, FSDP2StepBackend, fsdp_version, init_fsdp2, rebind_units
+from .master_weights import MasterWeights, check_precision, hand_over_to_deepspeed
 from .memory import MemoryMeter, gather_ranks
 from .never_trained import never_trained, startup_message
 from .paging import OptimizerPaging
@@ -59,6 +60,7 @@ class SlimFit:
                 self.registry.build("compressor", spec, where=f"{origin}: compression")
         self.compression: CompressionEngine | None = None
         self.memory: MemoryMeter | None = None
+        self.master_weights: MasterWeights | None = None
         self.checkpointing: BlockCheckpointing | None = None
         self.model: nn.Module | None = None
         self.units: UnitSet | None = None
@@ -101,6 +103,8 @@ class SlimFit:
             for param in unit.params:
                 param.requires_grad_(True)
         self._trainable = {id(p): full_numel(p) for p in model.parameters() if p.requires_grad}
+        if self.config.master_weights == "host":  # fp32 masters to host, then the model in bf16
+            self.master_weights = MasterWeights.cast_model(model)
         return model
 
     def summary(self) -> ParameterSummary:
@@ -146,6 +150,8 @@ class SlimFit:
             warnings.warn(startup_message(self.scheduler, never, self.units.schedulable, total), stacklevel=2)
         if accelerator is not None:
             check_launch(accelerator.distributed_type, accelerator.num_processes)
+        if self.master_weights is not None:
+            check_precision(accelerator)
         sharding = fsdp_version(accelerator, model)
         if sharding == 1:
             raise IntegrationError(FSDP1_REFUSAL)
@@ -164,7 +170,7 @@ class SlimFit:
             factories = {name: reg.factory for name, reg in self.registry.strategies["compressor"].items()}
             self.compression = CompressionEngine(self.model, self.policy, compressors=factories).attach()
         # Without compression the meter counts what autograd saves with an engine of its own.
-        self.memory = MemoryMeter(self.model, optimizer, engine=self.compression)
+        self.memory = MemoryMeter(self.model, optimizer, engine=self.compression, masters=self.master_weights)
         paging = getattr(backend, "paging", None)
         if paging is not None:
             paging.listeners.append(self.memory.optimizer_resident_changed)
@@ -223,7 +229,8 @@ class SlimFit:
             self.compression.detach()
             self.compression = None
         if self.controller is not None:
-            self.controller.unbind()
+            self.controller.unbind()  # with master_weights: the parameters are their fp32 masters again
+            self.master_weights = None
             for unit in self.units.all:
                 for param in unit.params:
                     param.requires_grad_(True)
@@ -243,6 +250,9 @@ class SlimFit:
                     "offload_optimizer (e.g. accelerate_configs/zero2_offload.yaml).",
                     stacklevel=3,
                 )
+            if self.master_weights is not None:
+                hand_over_to_deepspeed(self.master_weights, accelerator.deepspeed_engine_wrapped.engine)
+                self.master_weights = None
 
             return ZeroStepBackend(accelerator.deepspeed_engine_wrapped.engine)
         if isinstance(model, nn.parallel.DistributedDataParallel) and not model.find_unused_parameters:
@@ -266,6 +276,16 @@ class SlimFit:
                 f"{len(missing)} unit parameters are not in the optimizer (e.g. {missing[0]!r}). Create the "
                 f"optimizer after slimfit.prepare_model(model), over model.parameters()."
             )
+        if self.master_weights is not None:
+            if fsdp2:
+                raise IntegrationError(
+                    "master_weights: host is not supported under FSDP2: use FSDP2's own mixed precision "
+                    "(MixedPrecisionPolicy(param_dtype=torch.bfloat16): fp32 sharded masters, bf16 compute) "
+                    "and remove master_weights from the SlimFit config."
+                )
+            self.master_weights.keep_only([p for group in torch_optimizer.param_groups for p in group["params"]])
+            if isinstance(model, nn.parallel.DistributedDataParallel):
+                self.master_weights.broadcast(0)  # as DDP took rank 0's weights
         if fsdp2:
             if self.config.optimizer_paging:
                 warnings.warn(
@@ -275,7 +295,7 @@ class SlimFit:
                     stacklevel=3,
                 )
             return FSDP2StepBackend(torch_optimizer)
-        paging = OptimizerPaging(torch_optimizer) if self.config.optimizer_paging else None
+        paging = OptimizerPaging(torch_optimizer, masters=self.master_weights) if self.config.optimizer_paging else None
         return TorchStepBackend(torch_optimizer, paging=paging)
 
 

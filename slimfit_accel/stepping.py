@@ -9,8 +9,9 @@ gives scorers this rank's view of the trained units' weights and gradients.
 torch optimizers skip parameters whose ``.grad`` is None, so clearing frozen gradients before the
 step is enough (a zero gradient is not: Adam momentum and decoupled weight decay would still
 move the weights). With ``paging`` (``optimizer_paging: true``) it also keeps the optimizer
-state in host memory and streams the trained set's state through the step (``paging.py``). DeepSpeed ZeRO has its own backend in
-``integrations/deepspeed.py``.
+state in host memory and streams the trained set's state through the step (``paging.py``), and
+with ``master_weights: host`` the fp32 master weights of a bf16 model with it
+(``master_weights.py``). DeepSpeed ZeRO has its own backend in ``integrations/deepspeed.py``.
 
 The backend runs the optimizer's update itself, in its step pre-hook, so that it can hold
 ``lr_scale`` for exactly the length of the update (try/finally: an update that raises, e.g. on
@@ -121,6 +122,8 @@ class TorchStepBackend:
             self.optimizer.register_step_pre_hook(pre_hook),
             self.optimizer.register_step_post_hook(post_hook),
         ]
+        if self.paging is not None:
+            self.paging.install(step_hooks=False)  # the hooks above stream the step
 
     def _hold_grads(self) -> None:
         for group in self.optimizer.param_groups:
@@ -155,7 +158,7 @@ class TorchStepBackend:
             handle.remove()
         self._handles = []
         if self.paging is not None:
-            self.paging.resident_all()
+            self.paging.remove()  # state back on the device; fp32 masters back in the parameters
 
     def state_dict(self) -> dict:
         return {}
