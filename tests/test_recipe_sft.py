@@ -252,3 +252,24 @@ def test_a_missing_peer_package_is_one_line_before_any_arm_runs(assets, tmp_path
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == ("error: --compare galore needs the 'galore_torch' package, which is not installed: "
                                             "pip install 'slimfit-accel[bench]'")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet", "save_to_disk"])
+def test_auto_picks_the_task_from_the_column_names(tmp_path, suffix):
+    from datasets import Dataset
+
+    def source(name: str, rows: list[dict]) -> list[str]:
+        if suffix == "save_to_disk":
+            Dataset.from_list(rows).save_to_disk(str(tmp_path / name))
+            return ["--dataset", str(tmp_path / name)]
+        return ["--train-file", str(write_table(tmp_path / f"{name}{suffix}", rows))]
+
+    def chosen(argv: list[str]) -> str:
+        return finetune.choose_task(finetune.parse_args(argv)).name
+
+    sft = [{"prompt": "what is a", "completion": " b"}] * 4
+    assert chosen(source("sft", sft)) == "sft"
+    assert chosen(source("prompt_only", [{"prompt": "a"}] * 4)) == "sft"  # the SFT task then names the missing column
+    assert chosen(source("reviews", [{"text": "good", "label": 1}] * 4)) == "classification"
+    assert chosen(["--task", "sft", *source("text", [{"text": "a b"}] * 4)]) == "sft"
+    assert chosen(["--task", "classification", *source("sft2", sft)]) == "classification"
