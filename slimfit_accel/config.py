@@ -96,6 +96,14 @@ class SlimFitConfig(BaseModel):
     AdamW with fp32 masters. Needs ``optimizer_paging: true``. Under DeepSpeed, whose bf16 keeps
     fp32 masters in its own optimizer, a no-op with a warning; refused under FSDP2.
 
+    ``optimizer_step``: ``after_backward`` (default) steps the optimizer when the loop calls
+    ``optimizer.step()``; ``in_backward`` updates each trained unit as soon as backward has
+    completed its gradient and releases that gradient, so a step holds a few units' gradients
+    instead of all of them (``step_in_backward.py``); bit-identical for AdamW and every
+    ``torch.optim`` optimizer but LBFGS. One process only, no gradient accumulation, clipping,
+    fp16 loss scaling or closures: each is refused with the reason. Composes with
+    ``optimizer_paging`` and ``master_weights: host``.
+
     ``checkpointing``: frozen-aware activation checkpointing of transformer blocks (see
     ``CheckpointingConfig``); off when absent.
 
@@ -118,6 +126,7 @@ class SlimFitConfig(BaseModel):
     compression: Literal["slimfit", "reference", "none"] | CompressionPolicy = "slimfit"
     optimizer_paging: bool = False
     master_weights: Literal["host"] | None = None
+    optimizer_step: Literal["after_backward", "in_backward"] = "after_backward"
     checkpointing: CheckpointingConfig | None = None
     lr_scale: float = Field(default=1.0, gt=0.0, le=100.0)
     chunked_loss: ChunkedLossConfig | None = None

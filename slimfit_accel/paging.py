@@ -203,6 +203,55 @@ class OptimizerPaging:
         if self._stream is not None:
             torch.cuda.current_stream().wait_stream(self._stream)
 
+    # ---------------------------------------------------------------- one unit now (in backward)
+    def prefetch(self, params: Iterable[torch.Tensor]) -> None:
+        """Start paging in the state (and masters) of ``params`` on the side stream, so that
+        ``step_params`` finds them resident; only on CUDA, a no-op elsewhere
+        (``optimizer_step: in_backward`` prefetches the unit it expects next in backward)."""
+        params = [p for p in params if id(p) not in self._resident_masters]
+        if params and self._side_stream(params[0].device) is not None:
+            self._bring_in(params)
+
+    def step_params(self, params: list[torch.Tensor]) -> None:
+        """Step ``params`` alone now: their state (and masters) paged in, the optimizer's own
+        update run on them only, the state paged out and their gradients released; one chunk of
+        ``stream_step``, for ``optimizer_step: in_backward`` (``step_in_backward.py``)."""
+        update = type(self.optimizer).step.__wrapped__  # the step without its hooks
+        if self.masters is not None:
+            self._check_masters(params)
+        self._bring_in([p for p in params if id(p) not in self._resident_masters])
+        if self._stream is not None:
+            torch.cuda.current_stream().wait_stream(self._stream)  # this unit's copies (and any prefetch)
+        groups = self.optimizer.param_groups
+        group_params = [group["params"] for group in groups]
+        group_of = {id(p): i for i, group in enumerate(group_params) for p in group}
+        try:
+            for group in groups:
+                group["params"] = []
+            before = self._resident_bytes(params)
+            for param in params:
+                groups[group_of[id(param)]]["params"].append(self._stand_in(param))
+            update(self.optimizer)
+            self._state_back()
+            self._announce(self._resident_bytes(params) - before)  # state created by the update
+            self._masters_back(write=True)
+            self._announce(-sum(self._page_out(p) for p in params))
+            for param in params:
+                param.grad = None
+            self.chunks_stepped += 1
+        finally:
+            self._state_back()  # after an update that raised: masters and weights as they were
+            self._masters_back(write=False)
+            for group, params_of_group in zip(groups, group_params):
+                group["params"] = params_of_group
+
+    def drop_prefetched(self) -> None:
+        """Release masters prefetched for parameters that were not stepped, and page out any
+        state brought in for them (after each step, and after one that raised)."""
+        self._announce(-sum(_nbytes(m) for m in self._resident_masters.values()))
+        self._resident_masters = {}
+        self.evict()
+
     # ---------------------------------------------------------------- chunks
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]

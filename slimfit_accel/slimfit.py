@@ -41,6 +41,7 @@ from .never_trained import never_trained, startup_message
 from .paging import OptimizerPaging
 from .plugins import StrategyRegistry
 from .report import SlimFitReport, build_report
+from .step_in_backward import InBackwardStepBackend, refuse_unsupported
 from .stepping import StepBackend, TorchStepBackend, reentrant_checkpointing
 from .units import ParameterSummary, UnitSet, discover_units, full_numel
 
@@ -153,6 +154,8 @@ class SlimFit:
         if self.master_weights is not None:
             check_precision(accelerator)
         sharding = fsdp_version(accelerator, model)
+        if self.config.optimizer_step == "in_backward":
+            refuse_unsupported(accelerator, model, sharding, getattr(self.config.units, "row_chunks", None) is not None)
         if sharding == 1:
             raise IntegrationError(FSDP1_REFUSAL)
         if sharding == 2:
@@ -161,8 +164,10 @@ class SlimFit:
             self.units = rebind_units(self.units, model)
             init_fsdp2(model)
         backend = self._backend(accelerator, model, optimizer, fsdp2=sharding == 2)
+        # In backward the scorer sees each unit as its gradient completes (step_in_backward.py).
+        scorer = backend.scorer_for(self.scorer) if isinstance(backend, InBackwardStepBackend) else self.scorer
         self.controller = FreezeController(
-            self.units, self.scorer, self.scheduler, self.registry, seed=self.config.seed, total_steps=total_steps,
+            self.units, scorer, self.scheduler, self.registry, seed=self.config.seed, total_steps=total_steps,
             lr_scale=self.config.lr_scale,
         )
         self.controller.bind(backend)
@@ -296,6 +301,8 @@ class SlimFit:
                 )
             return FSDP2StepBackend(torch_optimizer)
         paging = OptimizerPaging(torch_optimizer, masters=self.master_weights) if self.config.optimizer_paging else None
+        if self.config.optimizer_step == "in_backward":
+            return InBackwardStepBackend(torch_optimizer, self.units, paging=paging)
         return TorchStepBackend(torch_optimizer, paging=paging)
 
 

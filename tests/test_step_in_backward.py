@@ -1,0 +1,215 @@
+"""``optimizer_step: in_backward``: each unit updated as its gradient completes in backward.
+Bit-identical to the ordinary step (weights, optimizer state, fp32 masters, scores, decisions)
+with and without paging and master weights; fewer live gradients; every setup that cannot be
+exact refused with one line."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mixed_precision_reference import lm_batch, tiny_llama
+from slimfit_accel import SlimFit
+from slimfit_accel.errors import ConfigError, IntegrationError
+from slimfit_accel.paging import is_paged
+
+BASE = {"scheduler": {"name": "ils", "freeze_ratio": 0.5}, "compression": "none", "lr_scale": 2.0}
+
+
+def start(config, layers=2, optimizer="adamw"):
+    slimfit = SlimFit.from_config(config)
+    model = slimfit.prepare_model(tiny_llama(layers=layers))
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.1)
+    slimfit.attach(None, model, opt)
+    return slimfit, model, opt
+
+
+def train(slimfit, model, opt, steps=10, left=None):
+    decisions = []
+    for step in range(steps):
+        with slimfit.step():
+            decisions.append(tuple(slimfit.controller.trainable))
+            model(**lm_batch(step)).loss.backward()
+            if left is not None:  # gradients the loop's optimizer.step() finds
+                left.append(sum(p.grad is not None for p in model.parameters()))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return decisions
+
+
+def run(config, optimizer="adamw", steps=10):
+    slimfit, model, opt = start(config, optimizer=optimizer)
+    left = []
+    decisions = train(slimfit, model, opt, steps, left)
+    assert (max(left) == 0) == (config.get("optimizer_step") == "in_backward")
+    masters = {id(m.param): m.host.clone() for m in slimfit.master_weights} if slimfit.master_weights else {}
+    return SimpleNamespace(slimfit=slimfit, model=model, opt=opt, decisions=decisions, masters=masters,
+                           scores=slimfit.controller.scores.clone(), report=slimfit.report())
+
+
+def assert_identical(a, b):
+    assert a.decisions == b.decisions and len(set(a.decisions)) > 1
+    assert torch.equal(a.scores, b.scores)
+    entries = 0
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)
+        sa, sb = a.opt.state.get(pa, {}), b.opt.state.get(pb, {})
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), key
+            entries += 1
+        if a.masters:
+            assert torch.equal(a.masters[id(pa)], b.masters[id(pb)])
+    assert entries > 0
+
+
+SETTINGS = {
+    "resident": {},
+    "paging": {"optimizer_paging": True},
+    "paging_masters": {"optimizer_paging": True, "master_weights": "host"},
+}
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=list(SETTINGS))
+def test_adamw_bit_identical_to_the_ordinary_step(setting):
+    config = {**BASE, **SETTINGS[setting]}
+    ordinary = run(config)
+    in_backward = run({**config, "optimizer_step": "in_backward"})
+    assert_identical(ordinary, in_backward)
+    if setting != "resident":  # between steps every state tensor is on host
+        opt = in_backward.opt
+        assert all(is_paged(t) for s in opt.state.values() for k, t in s.items() if k != "step")
+        assert in_backward.slimfit.controller.backend.paging.chunks_stepped > 0
+    for result in (ordinary, in_backward):
+        result.slimfit.detach()
+
+
+@pytest.mark.parametrize("scorer", ["grad_norm", "random"])
+def test_other_scorers_and_sgd_score_the_same(scorer):
+    config = {**BASE, "scorer": {"name": scorer}, "optimizer_paging": True}
+    ordinary = run(config, optimizer="sgd", steps=6)
+    in_backward = run({**config, "optimizer_step": "in_backward"}, optimizer="sgd", steps=6)
+    assert_identical(ordinary, in_backward)
+
+
+def test_gradients_are_released_as_backward_goes():
+    config = {**BASE, "scheduler": {"name": "ils", "freeze_ratio": 0.2}, "optimizer_paging": True}
+    peaks = {}
+    for mode in ("after_backward", "in_backward"):
+        slimfit, model, opt = start({**config, "optimizer_step": mode}, layers=4)
+        train(slimfit, model, opt, steps=3)
+        if mode == "in_backward":  # nothing left for the loop's step: every gradient already freed
+            assert all(p.grad is None for p in model.parameters())
+        peaks[mode] = slimfit.report().memory.peak.grads
+        slimfit.detach()
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    # the ordinary step holds every trained gradient at once; in backward, the unit being stepped
+    # and the gradient that arrived after it
+    assert peaks["in_backward"] <= 2 * largest < peaks["after_backward"] / 2
+
+
+def test_gradient_accumulation_is_refused():
+    from slimfit_accel import make_accelerator
+
+    slimfit = SlimFit.from_config({**BASE, "optimizer_step": "in_backward"})
+    model = slimfit.prepare_model(tiny_llama())
+    accelerator = make_accelerator(gradient_accumulation_steps=2)
+    opt = torch.optim.AdamW(model.parameters())
+    model, opt = accelerator.prepare(model, opt)
+    with pytest.raises(IntegrationError, match="in_backward is not supported here: gradient_accumulation_steps=2"):
+        slimfit.attach(accelerator, model, opt)
+
+
+def test_a_second_backward_before_the_step_is_refused():
+    slimfit, model, opt = start({**BASE, "optimizer_step": "in_backward"})
+    with slimfit.step():
+        model(**lm_batch(0)).loss.backward()
+        with pytest.raises(IntegrationError, match=r"got a second gradient before optimizer.step\(\)"):
+            model(**lm_batch(1)).loss.backward()
+
+
+def test_clipping_is_refused_and_allowed_again_after_detach():
+    from slimfit_accel import make_accelerator
+
+    slimfit = SlimFit.from_config({**BASE, "optimizer_step": "in_backward"})
+    model = slimfit.prepare_model(tiny_llama())
+    accelerator = make_accelerator()
+    opt = torch.optim.AdamW(model.parameters())
+    model, opt = accelerator.prepare(model, opt)
+    slimfit.attach(accelerator, model, opt)
+    with slimfit.step():
+        accelerator.backward(model(**lm_batch(0)).loss)
+        with pytest.raises(IntegrationError, match="clip_grad_norm_ was called.*Trainer: max_grad_norm=0"):
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        with pytest.raises(IntegrationError, match="clip_grad_value_ was called"):
+            torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
+        other = torch.nn.Parameter(torch.ones(3))
+        other.grad = torch.full((3,), 4.0)
+        torch.nn.utils.clip_grad_norm_([other], 1.0)  # parameters SlimFit does not step: clipped as usual
+        assert torch.allclose(other.grad.norm(), torch.tensor(1.0))
+    slimfit.detach()
+    assert torch.nn.utils.clip_grad_norm_.__module__ == "torch.nn.utils.clip_grad"
+
+
+def test_grad_scaler_and_closure_are_refused():
+    slimfit = SlimFit.from_config({**BASE, "optimizer_step": "in_backward"})
+    model = slimfit.prepare_model(tiny_llama())
+    opt = torch.optim.AdamW(model.parameters(), fused=True)  # the scaler hands fused optimizers its scale
+    slimfit.attach(None, model, opt)
+    scaler = torch.amp.GradScaler("cpu")
+    with slimfit.step():
+        scaler.scale(model(**lm_batch(0)).loss).backward()
+        with pytest.raises(IntegrationError, match="a GradScaler is stepping this optimizer"):
+            scaler.step(opt)
+    opt.grad_scale = opt.found_inf = None
+    with slimfit.step():
+        model(**lm_batch(1)).loss.backward()
+        with pytest.raises(IntegrationError, match="a step with a closure"):
+            opt.step(lambda: torch.tensor(0.0))
+
+
+def test_fp16_accelerator_is_refused():
+    from accelerate.utils import DistributedType
+
+    slimfit = SlimFit.from_config({**BASE, "optimizer_step": "in_backward"})
+    model = slimfit.prepare_model(tiny_llama())
+    accelerator = SimpleNamespace(distributed_type=DistributedType.NO, num_processes=1, mixed_precision="fp16",
+                                  scaler=torch.amp.GradScaler("cpu"), gradient_accumulation_steps=1)
+    with pytest.raises(IntegrationError, match="fp16 loss scaling needs every gradient"):
+        slimfit.attach(accelerator, model, torch.optim.AdamW(model.parameters()))
+
+
+def test_ddp_is_refused(monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29531")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        slimfit = SlimFit.from_config({**BASE, "optimizer_step": "in_backward", "optimizer_paging": True})
+        model = slimfit.prepare_model(tiny_llama())
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        with pytest.raises(IntegrationError, match="under DDP .* the gradient hooks fire before the gradients are averaged"):
+            slimfit.attach(None, ddp, torch.optim.AdamW(ddp.parameters()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_deepspeed_is_refused():
+    from accelerate.utils import DistributedType
+
+    slimfit = SlimFit.from_config({**BASE, "optimizer_step": "in_backward"})
+    model = slimfit.prepare_model(tiny_llama())
+    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=1)
+    with pytest.raises(IntegrationError, match="DeepSpeed runs its own optimizer step"):
+        slimfit.attach(accelerator, model, torch.optim.AdamW(model.parameters()))
+
+
+def test_config_value_is_checked():
+    with pytest.raises(ConfigError, match="optimizer_step"):
+        SlimFit.from_config({"optimizer_step": "during_backward"})
