@@ -26,6 +26,23 @@ from .errors import ConfigError
 from .spec import StrategySpec
 
 
+class RowChunksConfig(BaseModel):
+    """Vocabulary-sized matrices split into row-range units (``row_units.py``), so a step budget
+    smaller than the whole matrix still trains it, a range of rows at a time.
+
+    ``min_params``: split every unit that is one 2-D tensor with more elements than this; unset:
+    the model's input and output embeddings (``get_input_embeddings``/``get_output_embeddings``;
+    tied ones are one tensor). ``rows``: rows per unit; unset: as many as keep a row unit no
+    larger than the largest unit that is not split. Needs ``optimizer_paging: true`` (the
+    optimizer state of a split tensor is stepped a row range at a time) and an element-wise
+    optimizer (SGD, Adam, AdamW).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    min_params: int | None = Field(default=None, ge=0)
+    rows: int | None = Field(default=None, gt=0)
+
+
 class UnitsConfig(BaseModel):
     """Which parameters are freezable units and how they are grouped.
 
@@ -40,7 +57,8 @@ class UnitsConfig(BaseModel):
     keeps them always trainable: they are cheap). ``candidates``: ``trainable`` (default) takes
     only parameters with ``requires_grad`` when ``prepare_model`` runs, so whatever the user froze
     (a PEFT base model, frozen embeddings) stays frozen; ``all`` makes every matching unit
-    trainable first and schedules the whole model.
+    trainable first and schedules the whole model. ``row_chunks``: ``true`` or ``{min_params,
+    rows}`` splits vocabulary-sized matrices into row-range units (see ``RowChunksConfig``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -50,6 +68,14 @@ class UnitsConfig(BaseModel):
     always_train: list[str] = Field(default_factory=list)
     freeze_biases: bool = False
     candidates: Literal["trainable", "all"] = "trainable"
+    row_chunks: RowChunksConfig | None = None
+
+    @field_validator("row_chunks", mode="before")
+    @classmethod
+    def _row_chunks_switch(cls, value: Any) -> Any:
+        if value is True:
+            return {}
+        return None if value is False else value
 
 
 class CheckpointingConfig(BaseModel):
@@ -143,6 +169,11 @@ class SlimFitConfig(BaseModel):
         if self.master_weights is not None and not self.optimizer_paging:
             raise ValueError(
                 "master_weights: host streams the masters with the optimizer state: set optimizer_paging: true"
+            )
+        if self.units.row_chunks is not None and not self.optimizer_paging:
+            raise ValueError(
+                "units.row_chunks steps a split tensor's optimizer state a row range at a time, which the "
+                "streamed optimizer step does: set optimizer_paging: true"
             )
         return self
 

@@ -21,6 +21,7 @@ from .errors import PluginError
 from .hookspecs import ScheduleContext, UnitView
 from .plugins import Built, StrategyRegistry, call_observers
 from .rng import derived_generator
+from .row_units import RowLayout
 from .stepping import StepBackend
 from .units import UnitSet
 
@@ -54,8 +55,10 @@ class FreezeController:
         seed: int = 0,
         total_steps: int | None = None,
         lr_scale: float = 1.0,
+        rows: RowLayout | None = None,
     ):
         self.units = units
+        self.rows = rows  # row units of split matrices: the backend steps only their trained rows
         self.lr_scale = lr_scale
         self.scorer = scorer
         self.scheduler = scheduler
@@ -65,6 +68,7 @@ class FreezeController:
         self.step = 0
         self._infos = tuple(u.info for u in units.schedulable)
         self._by_name = {u.name: u for u in units.schedulable}
+        self._always = {u.name for u in units.always_trained}
         self._position = {u.name: i for i, u in enumerate(units.schedulable)}
         self.scores = UNTRAINED_SCORE * (1 + torch.rand(len(self._infos), generator=derived_generator(seed), dtype=torch.float64))
         self.trainable: tuple[str, ...] = ()
@@ -109,7 +113,12 @@ class FreezeController:
             self.trainable = tuple(u.name for u in self.units.schedulable if u.name in chosen)
             frozen_units = [u for u in self.units.schedulable if u.name not in chosen]
             if self.backend is not None:
-                self.backend.set_frozen([p for u in frozen_units for p in u.params])
+                # A parameter shared by units (row units of one matrix) is frozen only when none trains.
+                trained = {id(p) for u in self.units.all if u.name in chosen or u.name in self._always for p in u.params}
+                frozen = {id(p): p for u in frozen_units for p in u.params if id(p) not in trained}
+                self.backend.set_frozen(list(frozen.values()))
+            if self.rows is not None:
+                self.rows.select(set(chosen) | self._always)
             self._decided_for = self.step
             call_observers(
                 self.registry,
@@ -120,9 +129,12 @@ class FreezeController:
             )
         trainable = set(self.trainable)
         for unit in self.units.schedulable:
-            flag = unit.name in trainable
             for param in unit.params:
-                param.requires_grad_(flag)
+                param.requires_grad_(False)
+        for unit in self.units.schedulable:
+            if unit.name in trainable:  # a matrix trains when any of its row units does
+                for param in unit.params:
+                    param.requires_grad_(True)
         for unit in self.units.always_trained:
             for param in unit.params:
                 param.requires_grad_(True)
@@ -180,6 +192,8 @@ class FreezeController:
     def _before_optimizer_step(self) -> None:
         units = [self._by_name[name] for name in self.trainable]
         views = self.backend.views([(u.name, u.params) for u in units])
+        if self.rows is not None:  # a row unit is seen as its rows
+            views = [self.rows.narrow(view) for view in views]
         try:
             self._carried = self.scorer.strategy.before_step(views)
         except Exception as err:

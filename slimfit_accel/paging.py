@@ -59,6 +59,7 @@ from .errors import IntegrationError
 
 if TYPE_CHECKING:
     from .master_weights import MasterWeights
+    from .row_units import RowLayout
 
 _PAGED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -83,7 +84,8 @@ class OptimizerPaging:
     asynchronous. ``chunk_bytes``: parameters stepped together, in bytes of parameters.
     ``listeners`` are called with the change in device-resident state bytes after every move
     (the memory meter follows the state this way). ``masters``: fp32 master weights of a bf16
-    model, streamed with the state (see the module docstring).
+    model, streamed with the state (see the module docstring). ``rows``: the row units of split
+    matrices (``row_units.py``): only their trained rows are stepped, a slice at a time.
     """
 
     def __init__(
@@ -92,11 +94,13 @@ class OptimizerPaging:
         pin: bool | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         masters: "MasterWeights | None" = None,
+        rows: "RowLayout | None" = None,
     ):
         self.optimizer = optimizer
         self.pin = pin
         self.chunk_bytes = chunk_bytes
         self.masters = masters
+        self.rows = rows
         self._resident_masters: dict[int, torch.Tensor] = {}  # id(param) -> its master on the device
         self._standing_in: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, master stepped for it)
         self._loading: tuple | None = None
@@ -135,6 +139,8 @@ class OptimizerPaging:
             handle.remove()
         self._handles = []
         self.resident_all()
+        if self.rows is not None:
+            self.rows.to_dense_state(self.optimizer)
         if self.masters is not None:
             self.masters.restore()
 
@@ -163,6 +169,11 @@ class OptimizerPaging:
         stepped = [p for p in self._params() if p.grad is not None]
         if self.masters is not None:
             self._check_masters(stepped)
+        if self.rows is not None:  # split matrices: their trained rows only, a slice at a time
+            split = [p for p in stepped if p in self.rows]
+            stepped = [p for p in stepped if p not in self.rows]
+            self.rows.step(self.optimizer, split, update, args, kwargs, self.chunk_bytes, self.masters,
+                           self._announce, self._host_zeros)
         chunks = self._chunks(stepped)
         groups = self.optimizer.param_groups
         group_params = [group["params"] for group in groups]
@@ -338,6 +349,13 @@ class OptimizerPaging:
             moved += _nbytes(value)
             self.paged_out += 1
         return moved
+
+    def _host_zeros(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A zeroed state tensor made straight in host memory, paged out from ``device``."""
+        pin = self.pin if self.pin is not None else device.type == "cuda"
+        host = torch.zeros(shape, dtype=dtype, pin_memory=pin)
+        _PAGED[host] = device
+        return host
 
     def _page_in(self, param: torch.Tensor) -> int:
         moved = 0

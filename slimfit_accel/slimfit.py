@@ -41,6 +41,7 @@ from .never_trained import never_trained, startup_message
 from .paging import OptimizerPaging
 from .plugins import StrategyRegistry
 from .report import SlimFitReport, build_report
+from .row_units import RowLayout
 from .step_in_backward import InBackwardStepBackend, refuse_unsupported
 from .stepping import StepBackend, TorchStepBackend, reentrant_checkpointing
 from .units import ParameterSummary, UnitSet, discover_units, full_numel
@@ -158,17 +159,18 @@ class SlimFit:
             refuse_unsupported(accelerator, model, sharding, getattr(self.config.units, "row_chunks", None) is not None)
         if sharding == 1:
             raise IntegrationError(FSDP1_REFUSAL)
+        rows = RowLayout.of(self.units.all)  # before FSDP2 swaps the parameters: _backend refuses it
         if sharding == 2:
             # fully_shard swapped every parameter: the units follow, by name; FSDP2's lazy init
             # runs now, with every unit trainable (integrations/fsdp.py says why).
             self.units = rebind_units(self.units, model)
             init_fsdp2(model)
-        backend = self._backend(accelerator, model, optimizer, fsdp2=sharding == 2)
+        backend = self._backend(accelerator, model, optimizer, fsdp2=sharding == 2, rows=rows)
         # In backward the scorer sees each unit as its gradient completes (step_in_backward.py).
         scorer = backend.scorer_for(self.scorer) if isinstance(backend, InBackwardStepBackend) else self.scorer
         self.controller = FreezeController(
             self.units, scorer, self.scheduler, self.registry, seed=self.config.seed, total_steps=total_steps,
-            lr_scale=self.config.lr_scale,
+            lr_scale=self.config.lr_scale, rows=rows,
         )
         self.controller.bind(backend)
         if self.policy is not None:
@@ -241,10 +243,19 @@ class SlimFit:
                     param.requires_grad_(True)
             self.controller = None
 
-    def _backend(self, accelerator: Any, model: nn.Module, optimizer: Any, fsdp2: bool = False) -> StepBackend:
+    def _backend(
+        self, accelerator: Any, model: nn.Module, optimizer: Any, fsdp2: bool = False, rows: RowLayout | None = None
+    ) -> StepBackend:
         from accelerate.utils import DistributedType
 
-        if accelerator is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        deepspeed = accelerator is not None and accelerator.distributed_type == DistributedType.DEEPSPEED
+        if rows is not None and (deepspeed or fsdp2):
+            raise IntegrationError(
+                f"units.row_chunks steps a split matrix's rows through the streamed optimizer step, which "
+                f"{'DeepSpeed ZeRO' if deepspeed else 'FSDP2'} does not run (its optimizer state is sharded "
+                f"flat); remove units.row_chunks from the SlimFit config."
+            )
+        if deepspeed:
             from .integrations.deepspeed import ZeroStepBackend
 
             if self.config.optimizer_paging:
@@ -300,7 +311,11 @@ class SlimFit:
                     stacklevel=3,
                 )
             return FSDP2StepBackend(torch_optimizer)
-        paging = OptimizerPaging(torch_optimizer, masters=self.master_weights) if self.config.optimizer_paging else None
+        if rows is not None:
+            rows.check_optimizer(torch_optimizer)
+        paging = (
+            OptimizerPaging(torch_optimizer, masters=self.master_weights, rows=rows) if self.config.optimizer_paging else None
+        )
         if self.config.optimizer_step == "in_backward":
             return InBackwardStepBackend(torch_optimizer, self.units, paging=paging)
         return TorchStepBackend(torch_optimizer, paging=paging)

@@ -14,13 +14,14 @@ Example::
 
 from __future__ import annotations
 
+import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 
 from torch import nn
 
-from .config import UnitsConfig
+from .config import RowChunksConfig, UnitsConfig
 from .errors import ConfigError
 from .hookspecs import UnitInfo
 
@@ -34,9 +35,14 @@ class Unit:
     param_names: tuple[str, ...]
     index: int
     block: int | None
+    #: For a row unit (``units.row_chunks``): the range [start, stop) of its one parameter's rows.
+    rows: tuple[int, int] | None = None
 
     @property
     def numel(self) -> int:
+        if self.rows is not None:
+            shape = full_shape(self.params[0])
+            return (self.rows[1] - self.rows[0]) * math.prod(shape[1:])
         return sum(full_numel(p) for p in self.params)
 
     @property
@@ -136,6 +142,8 @@ def discover_units(model: nn.Module, config: UnitsConfig) -> UnitSet:
         )
         for index, (key, members) in enumerate(groups.items())
     ]
+    if config.row_chunks is not None:
+        units = split_rows(model, units, config.row_chunks)
     if not units:
         frozen_hint = (
             f" {len(user_frozen)} matching parameters are frozen (requires_grad=False) and so are not "
@@ -161,6 +169,57 @@ def discover_units(model: nn.Module, config: UnitsConfig) -> UnitSet:
             f"nothing is left for the scheduler. Narrow the patterns."
         )
     return UnitSet(schedulable=schedulable, always_trained=always)
+
+
+def split_rows(model: nn.Module, units: list[Unit], config: RowChunksConfig) -> list[Unit]:
+    """Each unit that is one vocabulary-sized 2-D tensor replaced by units of ``config.rows`` rows
+    (``name[start:stop]``), in row order; see ``RowChunksConfig`` for which and how many rows."""
+
+    def one_matrix(unit: Unit) -> bool:
+        return len(unit.params) == 1 and len(full_shape(unit.params[0])) == 2
+
+    if config.min_params is not None:
+        split = [u for u in units if one_matrix(u) and u.numel > config.min_params]
+        what = f"units.row_chunks: no unit is one 2-D tensor of more than {config.min_params:,d} parameters"
+    else:
+        vocab = {id(p) for p in _vocabulary_weights(model)}
+        split = [u for u in units if one_matrix(u) and id(u.params[0]) in vocab]
+        what = f"units.row_chunks: {type(model).__name__}'s input/output embeddings are not among its units"
+    if not split:
+        raise ConfigError(f"{what}; nothing to split by rows. Set units.row_chunks.min_params, or remove row_chunks.")
+    names = {u.name for u in split}
+    others = [u.numel for u in units if u.name not in names]
+    out: list[Unit] = []
+    for unit in units:
+        if unit.name not in names:
+            out.append(unit)
+            continue
+        n_rows, row_numel = full_shape(unit.params[0])
+        rows = config.rows or max(1, (max(others) if others else unit.numel) // row_numel)
+        out += [replace(unit, name=f"{unit.param_names[0]}[{start}:{min(start + rows, n_rows)}]",
+                        rows=(start, min(start + rows, n_rows)))
+                for start in range(0, n_rows, rows)]
+    return [replace(unit, index=index) for index, unit in enumerate(out)]
+
+
+def _vocabulary_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The weights of the model's input and output embeddings (one, when tied), as transformers names them."""
+    found = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        get = getattr(model, getter, None)
+        try:
+            module = get() if callable(get) else None
+        except (AttributeError, NotImplementedError):
+            module = None
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter):
+            found.append(weight)
+    if not found:
+        raise ConfigError(
+            f"units.row_chunks: {type(model).__name__} has no input or output embeddings (get_input_embeddings); "
+            f"say which tensors to split with units.row_chunks.min_params."
+        )
+    return found
 
 
 #: The symbol ``always_train: [head]`` stands for the model's task head, whatever it is named.
@@ -346,5 +405,8 @@ def _miss_hint(pattern: str, candidates, names: list[str], frozen: list[str], wh
 
 
 def unit_bytes(units: tuple[Unit, ...] | list[Unit]) -> int:
-    """Bytes of the units' parameters, as stored."""
-    return sum(full_numel(p) * p.element_size() for u in units for p in u.params)
+    """Bytes of the units' parameters, as stored (a row unit: its rows)."""
+    return sum(
+        u.numel * u.params[0].element_size() if u.rows is not None else sum(full_numel(p) * p.element_size() for p in u.params)
+        for u in units
+    )
