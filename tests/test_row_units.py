@@ -42,11 +42,12 @@ def batch(step: int) -> torch.Tensor:
     return torch.randint(0, VOCAB // 2, (2, 12), generator=torch.Generator().manual_seed(step))
 
 
-def start(model, cfg: dict, chunk_bytes: int | None = None, pre_hook=None):
-    """SlimFit attached to AdamW; ``pre_hook`` runs before each step, ahead of SlimFit's (which updates)."""
+def start(model, cfg: dict, chunk_bytes: int | None = None, pre_hook=None, make=None):
+    """SlimFit attached to AdamW (or ``make(params)``); ``pre_hook`` runs before each step, ahead of
+    SlimFit's (which updates)."""
     slimfit = SlimFit.from_config(cfg)
     slimfit.prepare_model(model)
-    optimizer = torch.optim.AdamW(model.parameters(), **HYPER)
+    optimizer = make(model.parameters()) if make else torch.optim.AdamW(model.parameters(), **HYPER)
     if pre_hook is not None:
         optimizer.register_step_pre_hook(pre_hook)
     with warnings.catch_warnings():
@@ -88,26 +89,38 @@ def test_vocabulary_matrices_become_row_units_that_fit_the_budget_and_train():
         assert not torch.equal(param.detach(), loaded[name])
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["separate", "tied"])
-def test_trained_rows_equal_a_dense_adamw_update_and_frozen_rows_do_not_move(tied):
+OPTIMIZERS = {
+    "adamw": lambda params: torch.optim.AdamW(params, **HYPER),
+    "sgd": lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.01),
+}
+
+
+@pytest.mark.parametrize(
+    "tied, kind, masters",
+    [(False, "adamw", False), (True, "adamw", False), (False, "sgd", False), (False, "adamw", True)],
+    ids=["separate", "tied", "sgd-momentum", "master-weights"],
+)
+def test_trained_rows_equal_a_dense_update_and_frozen_rows_do_not_move(tied, kind, masters):
     model = tiny_llama(tied)
     params = matrices(model)
-    captured = {}
+    captured, holder = {}, {}
 
-    def capture(opt, args, kwargs):  # the state and gradients as the step finds them
+    def weights_of(param):  # what the optimizer steps: the fp32 master with master_weights: host
+        return holder["slimfit"].master_weights.of(param).host if masters else param.detach()
+
+    def capture(opt, args, kwargs):  # the weights, gradients and state as the step finds them
         for name, param in params.items():
             state = opt.state.get(param, {})
             captured[name] = (
-                param.detach().clone(),
+                weights_of(param).clone(),
                 param.grad.clone() if param.grad is not None else None,
                 {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()},
             )
 
     chunk_bytes = 1000  # 7 rows of 32 fp32: each 500-row unit is stepped in slices
-    slimfit, optimizer = start(model, config(), chunk_bytes=chunk_bytes, pre_hook=capture)
-    if tied:
-        assert list(params) == ["model.embed_tokens.weight"]
-        assert not any(u.name.startswith("lm_head") for u in slimfit.units.all)  # one tensor, one set of units
+    extra = {"master_weights": "host"} if masters else {}
+    slimfit, optimizer = start(model, config(**extra), chunk_bytes=chunk_bytes, pre_hook=capture, make=OPTIMIZERS[kind])
+    holder["slimfit"] = slimfit
     rows = slimfit.controller.rows
     position = {u.name: i for i, u in enumerate(slimfit.units.schedulable)}
 
@@ -118,33 +131,37 @@ def test_trained_rows_equal_a_dense_adamw_update_and_frozen_rows_do_not_move(tie
             before, grad, state = captured[name]
             ranges = rows.ranges(param)
             trained = rows.trained[id(param)]
-            assert optimizer.state[param][RANGES] == ranges
+            now = optimizer.state[param]
+            assert now[RANGES] == ranges
+            row_keys = [k for k, v in now.items() if isinstance(v, torch.Tensor) and v.dim() == 2]
+            assert row_keys == (["exp_avg", "exp_avg_sq"] if kind == "adamw" else ["momentum_buffer"])
             for index, (first, stop) in enumerate(ranges):
                 unit = f"{name}[{first}:{stop}]"
-                after = param.detach()[first:stop]
+                after = weights_of(param)[first:stop]
                 if index not in trained:
                     assert torch.equal(after, before[first:stop]), unit
-                    if state:
-                        for key in ("exp_avg", "exp_avg_sq"):
-                            assert torch.equal(optimizer.state[param][key][first:stop], state[key][first:stop]), unit
+                    for key in row_keys:
+                        if key in state:
+                            assert torch.equal(now[key][first:stop], state[key][first:stop]), unit
                     continue
                 trained_any.add(unit)
                 reference = torch.nn.Parameter(before.clone())
-                reference.grad = grad.clone()
-                dense = torch.optim.AdamW([reference], **HYPER)
-                if state and state[STEPPED][index]:
-                    dense.state[reference] = {"step": state["step"][index].clone(), "exp_avg": state["exp_avg"].clone(),
-                                              "exp_avg_sq": state["exp_avg_sq"].clone()}
+                reference.grad = grad.to(reference.dtype)
+                dense = OPTIMIZERS[kind]([reference])
+                if state and state[STEPPED][index]:  # the range's state, as a tensor of its own would have it
+                    dense.state[reference] = {k: v.clone() if v.dim() == 2 else v[index].clone()
+                                              for k, v in state.items() if isinstance(v, torch.Tensor)}
                 dense.step()
                 assert torch.equal(after, reference.detach()[first:stop]), unit
-                new = optimizer.state[param]
-                assert torch.equal(new["step"][index], dense.state[reference]["step"]), unit  # one step a step, tied too
-                for key in ("exp_avg", "exp_avg_sq"):
-                    assert torch.equal(new[key][first:stop], dense.state[reference][key][first:stop]), unit
-                # weight_delta scores the unit by its own rows' change
-                old = before[first:stop]
-                change = (old - after).abs().float()
-                expected = torch.where(old.abs() > 0, change / old.abs().clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+                if masters:  # the bf16 weight is its master rounded
+                    assert torch.equal(param.detach()[first:stop], after.to(param.dtype)), unit
+                for key, value in dense.state[reference].items():
+                    mine = now[key][first:stop] if value.dim() == 2 else now[key][index]
+                    assert torch.equal(mine, value if value.dim() == 0 else value[first:stop]), (unit, key)
+                # weight_delta scores the unit by its own rows' change (of the weights the model holds)
+                old, new = (before[first:stop].to(param.dtype), param.detach()[first:stop])
+                change = (old - new).abs().float()
+                expected = torch.where(old.abs().float() > 0, change / old.abs().float().clamp_min(torch.finfo(torch.float32).tiny), 0.0)
                 assert slimfit.controller.scores[position[unit]].item() == pytest.approx(expected.mean().item(), rel=1e-6)
     assert any(u.startswith("model.embed_tokens") for u in trained_any)
     assert tied or any(u.startswith("lm_head") for u in trained_any)
@@ -213,3 +230,79 @@ def test_row_units_are_refused_where_a_row_slice_would_not_be_exact():
         SlimFit.from_config({**config(), "optimizer_paging": False})
     with pytest.raises(ConfigError, match="no unit is one 2-D tensor of more than 1,000,000 parameters"):
         SlimFit.from_config(config(units={"row_chunks": {"min_params": 10**6}})).prepare_model(tiny_llama())
+
+
+def test_state_of_dense_training_is_taken_over_exactly_and_detach_gives_plain_state_back():
+    model = tiny_llama()
+    embedding = model.model.embed_tokens.weight
+    seen = {}
+
+    def capture(opt, args, kwargs):  # each step's: the loop below stops at the first row step
+        seen.update(weight=embedding.detach().clone(), grad=embedding.grad.clone() if embedding.grad is not None else None,
+                    state={k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[embedding].items()})
+
+    slimfit = SlimFit.from_config(config())
+    slimfit.prepare_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), **HYPER)
+    ids = batch(99)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()  # a dense step before SlimFit: plain AdamW state (a scalar step count)
+    optimizer.zero_grad(set_to_none=True)
+    optimizer.register_step_pre_hook(capture)
+    slimfit.attach(None, model, optimizer)
+    trained = ()
+    for step in range(8):
+        train_step(slimfit, model, optimizer, step)
+        trained = slimfit.controller.rows.trained[id(embedding)]
+        if trained:
+            break
+    assert trained, "no embedding row unit trained in 8 steps"
+    assert seen["state"]["step"].dim() == 0  # the first row step found the dense layout
+    reference = torch.nn.Parameter(seen["weight"].clone())
+    reference.grad = seen["grad"]
+    dense = torch.optim.AdamW([reference], **HYPER)
+    dense.state[reference] = {k: v.clone() for k, v in seen["state"].items()}
+    dense.step()
+    ranges = slimfit.controller.rows.ranges(embedding)
+    for index, (first, stop) in enumerate(ranges):
+        expected = reference.detach() if index in trained else seen["weight"]
+        assert torch.equal(embedding.detach()[first:stop], expected[first:stop]), (first, stop)
+    assert optimizer.state[embedding]["step"].tolist() == [2.0 if i in trained else 1.0 for i in range(len(ranges))]
+
+    slimfit.detach()  # the plain optimizer's layout again: one step count (the largest), no markers
+    state = optimizer.state[embedding]
+    assert RANGES not in state and STEPPED not in state
+    assert state["step"].dim() == 0 and state["step"].item() == 2.0
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert state is optimizer.state[embedding] and optimizer.state[embedding]["step"].item() == 3.0
+
+
+def test_minilm_word_embeddings_train_under_the_parameter_budget_with_row_units():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from conftest import random_batch
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=2000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, num_labels=2))
+    embeddings = model.bert.embeddings.word_embeddings.weight
+    assert embeddings.numel() / sum(p.numel() for p in model.parameters()) > 0.5  # as MiniLM's, 52%
+    loaded = embeddings.detach().clone()
+    slimfit = SlimFit.from_config({**config(units={"row_chunks": True})})
+    slimfit.prepare_model(model)
+    assert slimfit.summary().never_trained == 0
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        slimfit.attach(None, model, optimizer)
+    for step in range(6):
+        with slimfit.step():
+            model(**random_batch(seed=step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    report = slimfit.report()
+    assert report.never_trainable == {}
+    trained = [n for n, count in report.trained_steps.items() if n.startswith("bert.embeddings.word_embeddings.weight[") and count]
+    assert trained and not torch.equal(embeddings.detach(), loaded)
