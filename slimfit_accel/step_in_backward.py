@@ -19,18 +19,25 @@ optimizer that updates each parameter from its own gradient (AdamW, Adam, SGD; n
 or without ``optimizer_paging`` and ``master_weights: host``.
 
 Refused, with the reason, because an update in backward cannot wait for all gradients:
-gradient accumulation (``gradient_accumulation_steps > 1`` at attach; a second backward before
-``optimizer.step()`` at that backward), gradient clipping (``torch.nn.utils.clip_grad_norm_`` /
-``clip_grad_value_``, which ``accelerator.clip_grad_norm_`` and the Trainer call, raise when given
-a parameter stepped in backward), fp16 loss scaling (a GradScaler needs every gradient for its inf
-check), closures, and several processes: DDP averages gradients in buckets after the hooks have run
-(the hooks see this rank's gradient, not the average) and holds every gradient in those buckets
-anyway; DeepSpeed and FSDP run their own step.
+gradient accumulation (``gradient_accumulation_steps > 1`` at attach or Trainer start; a second
+backward before ``optimizer.step()`` at that backward), gradient clipping (``torch.nn.utils`` and
+``Accelerator`` ``clip_grad_norm_``/``clip_grad_value_`` raise when given a parameter stepped in
+backward; the Trainer's ``max_grad_norm > 0`` at start), fp16 loss scaling (a GradScaler needs every
+gradient for its inf check: Accelerate's fp16 at attach, a scaler handing a fused optimizer its scale
+at the step; a plain GradScaler with another optimizer fails in torch's own ``unscale_``, after the
+first update), closures, and several processes: DDP averages gradients in buckets after the hooks
+have run (the hooks see this rank's gradient, not the average) and holds every gradient in those
+buckets anyway; DeepSpeed and FSDP run their own step.
+
+A norm asked for without clipping (``clip_grad_norm_(params, inf)``, which the Trainer calls every
+step to log ``grad_norm``) is answered: each parameter's gradient norm is kept (one scalar, on its
+device) as its unit is stepped.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from typing import Any, Callable, Collection, Sequence
 
@@ -77,6 +84,19 @@ def refuse_unsupported(accelerator: Any, model: torch.nn.Module, sharding: int |
     else:
         return
     raise IntegrationError(f"{_KEY} is not supported here: {reason}, {_USE_DEFAULT}.")
+
+
+def refuse_trainer_arguments(args: Any) -> None:
+    """The ``TrainingArguments`` that cannot step in backward, refused when training begins."""
+    if getattr(args, "gradient_accumulation_steps", 1) > 1:
+        reason = f"gradient_accumulation_steps={args.gradient_accumulation_steps}: gradients cannot accumulate; use 1"
+    elif (getattr(args, "max_grad_norm", 0) or 0) > 0:
+        reason = f"max_grad_norm={args.max_grad_norm} clips by the norm of every gradient, before any update; set max_grad_norm=0"
+    elif getattr(args, "fp16", False):
+        reason = "fp16 loss scaling needs every gradient for its inf check before any update; use bf16 or fp32"
+    else:
+        return
+    raise IntegrationError(f"SlimFitCallback: {_KEY} is not supported here: {reason}, {_USE_DEFAULT}.")
 
 
 class UnitByUnitScorer:
@@ -149,6 +169,7 @@ class InBackwardStepBackend:
         self._done: list[int] = []  # groups stepped, in order
         self._prefetched: set[int] = set()
         self._queued = False
+        self._norms: dict[int, torch.Tensor] = {}  # id(param) -> 2-norm of the gradient it was stepped with
 
     # ---------------------------------------------------------------- wiring
     def scorer_for(self, built: Built) -> Built:
@@ -216,6 +237,17 @@ class InBackwardStepBackend:
         # Gradients are gone: the scorer saw them unit by unit in backward.
         return [UnitView(name=name, weights=[p.detach() for p in params], grads=[p.grad for p in params]) for name, params in units]
 
+    def grad_norm(self, parameters: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The 2-norm of ``parameters``' gradients in this step, those already stepped in backward
+        (their norms were kept) and those still held, as ``clip_grad_norm_(parameters, inf)``
+        would have returned it before the updates."""
+        norms = [self._norms[id(p)] if id(p) in self._norms else torch.linalg.vector_norm(p.grad, 2.0, dtype=torch.float32)
+                 for p in parameters if id(p) in self._norms or p.grad is not None]
+        if not norms:
+            return torch.zeros(())
+        device = norms[0].device
+        return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2.0)
+
     @property
     def param_groups(self) -> list[dict]:
         return self.optimizer.param_groups
@@ -259,6 +291,8 @@ class InBackwardStepBackend:
         if index in self._scored and self.scoring is not None:
             self.scoring.unit_ready(UnitView(name=name, weights=[p.detach() for p in params], grads=[p.grad for p in params]))
         stepped = [p for p in params if p.grad is not None and id(p) in self._in_optimizer]
+        for param in stepped:  # for grad_norm(): one scalar per parameter, on its device
+            self._norms[id(param)] = torch.linalg.vector_norm(param.grad, 2.0, dtype=torch.float32)
         if stepped:
             with scaled_lr(self.optimizer.param_groups, self._lr_scale):
                 if self.paging is not None:
@@ -377,13 +411,18 @@ class _ClipGuard:
             parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
             args[position:position + 1] = [parameters]
             ids = {id(p) for p in parameters}
-            if any(ids & backend._in_optimizer for backend in list(self._backends)):  # noqa: SLF001
-                raise IntegrationError(
-                    f"{_KEY}: {name} was called, but each unit was already updated in backward and its gradient "
-                    f"freed, and clipping needs every gradient before any update; remove the clipping "
-                    f"(Trainer: max_grad_norm=0), {_USE_DEFAULT}."
-                )
-            return original(*args, **kwargs)
+            backends = [b for b in list(self._backends) if ids & b._in_optimizer]  # noqa: SLF001
+            if not backends:
+                return original(*args, **kwargs)
+            max_norm = args[position + 1] if len(args) > position + 1 else kwargs.get("max_norm")
+            norm_type = args[position + 2] if len(args) > position + 2 else kwargs.get("norm_type", 2)
+            if name == "clip_grad_norm_" and max_norm is not None and math.isinf(max_norm) and float(norm_type) == 2.0:
+                return backends[0].grad_norm(parameters)  # a norm asked for, nothing clipped (the Trainer's log)
+            raise IntegrationError(
+                f"{_KEY}: {name} was called, but each unit was already updated in backward and its gradient "
+                f"freed, and clipping needs every gradient before any update; remove the clipping "
+                f"(Trainer: max_grad_norm=0), {_USE_DEFAULT}."
+            )
 
         return guarded
 

@@ -18,9 +18,9 @@ from slimfit_accel.paging import is_paged
 BASE = {"scheduler": {"name": "ils", "freeze_ratio": 0.5}, "compression": "none", "lr_scale": 2.0}
 
 
-def start(config, layers=2, optimizer="adamw"):
+def start(config, layers=2, optimizer="adamw", device="cpu"):
     slimfit = SlimFit.from_config(config)
-    model = slimfit.prepare_model(tiny_llama(layers=layers))
+    model = slimfit.prepare_model(tiny_llama(layers=layers)).to(device)
     if optimizer == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     else:
@@ -34,7 +34,8 @@ def train(slimfit, model, opt, steps=10, left=None):
     for step in range(steps):
         with slimfit.step():
             decisions.append(tuple(slimfit.controller.trainable))
-            model(**lm_batch(step)).loss.backward()
+            batch = {k: v.to(model.device) for k, v in lm_batch(step).items()}
+            model(**batch).loss.backward()
             if left is not None:  # gradients the loop's optimizer.step() finds
                 left.append(sum(p.grad is not None for p in model.parameters()))
             opt.step()
@@ -42,8 +43,8 @@ def train(slimfit, model, opt, steps=10, left=None):
     return decisions
 
 
-def run(config, optimizer="adamw", steps=10):
-    slimfit, model, opt = start(config, optimizer=optimizer)
+def run(config, optimizer="adamw", steps=10, device="cpu"):
+    slimfit, model, opt = start(config, optimizer=optimizer, device=device)
     left = []
     decisions = train(slimfit, model, opt, steps, left)
     assert (max(left) == 0) == (config.get("optimizer_step") == "in_backward")
@@ -87,6 +88,27 @@ def test_adamw_bit_identical_to_the_ordinary_step(setting):
         assert in_backward.slimfit.controller.backend.paging.chunks_stepped > 0
     for result in (ordinary, in_backward):
         result.slimfit.detach()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned host state, prefetch on a side stream)")
+def test_on_cuda_the_next_unit_is_prefetched_and_results_stay_bit_identical():
+    config = {**BASE, **SETTINGS["paging_masters"]}
+    ordinary = run(config, device="cuda")
+    slimfit, model, opt = start({**config, "optimizer_step": "in_backward"}, device="cuda")
+    paging = slimfit.controller.backend.paging
+    prefetched = []
+    prefetch = paging.prefetch
+    paging.prefetch = lambda params: (prefetched.append(len(params)), prefetch(params))[1]
+    left = []
+    decisions = train(slimfit, model, opt, 10, left)
+    torch.cuda.synchronize()
+    masters = {id(m.param): m.host.clone() for m in slimfit.master_weights}
+    in_backward = SimpleNamespace(model=model, opt=opt, decisions=decisions, masters=masters,
+                                  scores=slimfit.controller.scores.clone())
+    assert_identical(ordinary, in_backward)
+    assert max(left) == 0 and len(prefetched) > 10
+    assert all(m.host.is_pinned() for m in slimfit.master_weights)
+    assert all(is_paged(t) and t.is_pinned() for s in opt.state.values() for k, t in s.items() if k != "step")
 
 
 @pytest.mark.parametrize("scorer", ["grad_norm", "random"])
@@ -146,6 +168,8 @@ def test_clipping_is_refused_and_allowed_again_after_detach():
         accelerator.backward(model(**lm_batch(0)).loss)
         with pytest.raises(IntegrationError, match="clip_grad_norm_ was called.*Trainer: max_grad_norm=0"):
             accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        norm = accelerator.clip_grad_norm_(model.parameters(), float("inf"))  # asked for, not clipping: given
+        assert torch.isfinite(norm) and norm > 0
         with pytest.raises(IntegrationError, match="clip_grad_value_ was called"):
             torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
         other = torch.nn.Parameter(torch.ones(3))
@@ -213,3 +237,34 @@ def test_deepspeed_is_refused():
 def test_config_value_is_checked():
     with pytest.raises(ConfigError, match="optimizer_step"):
         SlimFit.from_config({"optimizer_step": "during_backward"})
+
+
+def trainer_weights(tmp_path, optimizer_step, **arguments):
+    from transformers import Trainer, TrainingArguments
+
+    from slimfit_accel import SlimFitCallback
+
+    batch = lm_batch(0, batch=8)
+    data = [{k: v[i] for k, v in batch.items()} for i in range(8)]
+    callback = SlimFitCallback({**BASE, "optimizer_step": optimizer_step}, print_report=False)
+    args = TrainingArguments(output_dir=str(tmp_path / optimizer_step), per_device_train_batch_size=2, max_steps=4,
+                             use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
+                             lr_scheduler_type="constant", **{"logging_strategy": "no", **arguments})
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=data, callbacks=[callback])
+    trainer.train()
+    assert callback.report.steps == 4
+    norms = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
+    return [p.detach().clone() for p in trainer.model.parameters()], norms
+
+
+def test_trainer_in_backward_equals_the_ordinary_step_and_its_clipping_is_refused(tmp_path):
+    logged = {"max_grad_norm": 0.0, "logging_strategy": "steps", "logging_steps": 1}
+    ordinary, ordinary_norms = trainer_weights(tmp_path, "after_backward", **logged)
+    in_backward, norms = trainer_weights(tmp_path, "in_backward", **logged)
+    assert all(torch.equal(a, b) for a, b in zip(ordinary, in_backward))
+    # the logged gradient norm: kept per parameter as each unit was stepped
+    assert len(norms) == 4 and norms == pytest.approx(ordinary_norms, rel=1e-5)
+    with pytest.raises(IntegrationError, match="SlimFitCallback: .*max_grad_norm=1.0 clips .* set max_grad_norm=0"):
+        trainer_weights(tmp_path, "in_backward")  # the Trainer's default clips
+    with pytest.raises(IntegrationError, match="gradient_accumulation_steps=2"):
+        trainer_weights(tmp_path, "in_backward", max_grad_norm=0.0, gradient_accumulation_steps=2)

@@ -61,6 +61,7 @@ from ..config import SlimFitConfig, load_config
 from ..errors import IntegrationError
 from ..report import SlimFitReport
 from ..slimfit import SlimFit
+from ..step_in_backward import refuse_trainer_arguments
 from ..stepping import reentrant_checkpointing
 
 # The SlimFit that prepared a model: a callback the Trainer re-creates from its checkpointed
@@ -111,6 +112,8 @@ class SlimFitCallback(TrainerCallback, ExportableState):
         if self.slimfit is None or self.slimfit.model is not model:
             self._prepare(model)  # e.g. a Trainer built with model_init
         _check_ddp(args, model)
+        if self.config.optimizer_step == "in_backward":
+            refuse_trainer_arguments(args)
         if self.print_report and state.is_world_process_zero:
             print(self.slimfit.summary())  # like PEFT's print_trainable_parameters, plus SlimFit's split
         self.slimfit.attach(_TrainerAccelerator(model), model, optimizer, total_steps=state.max_steps or None)
