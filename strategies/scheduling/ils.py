@@ -19,6 +19,8 @@ the steps since it last trained, raised to ``age_exponent``:
   so the gradients and resident optimizer state of a step are bounded by the ratio, which is
   what makes its memory predictable. A unit larger than the whole budget never trains:
   ``never_trained`` names it, and SlimFit says so at start-up, in its summary and its report.
+  ``units.row_chunks`` splits vocabulary-sized matrices (MiniLM's word embeddings are half its
+  parameters) into row units no larger than the largest other unit, which do fit.
 
 Units never trained have huge random scores, so every unit trains once, in a seeded random
 order, before any trains twice (under ``parameters``, every unit that fits the budget).
