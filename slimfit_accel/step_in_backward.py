@@ -160,6 +160,7 @@ class InBackwardStepBackend:
         self._handles: list = []
         self._lr_scale = 1.0
         self._order = list(reversed(range(len(self._groups))))  # expected backward order (for prefetch)
+        self._position = {group: i for i, group in enumerate(self._order)}
         self._new_step()
 
     def _new_step(self) -> None:
@@ -204,7 +205,9 @@ class InBackwardStepBackend:
 
         def post_hook(optimizer, args, kwargs):
             done = self._done
-            self._order = done + [i for i in self._order if i not in set(done)]
+            stepped = set(done)
+            self._order = done + [i for i in self._order if i not in stepped]  # as backward ran this step
+            self._position = {group: i for i, group in enumerate(self._order)}
             self._new_step()
             if self.paging is not None:
                 self.paging.drop_prefetched()
@@ -307,8 +310,7 @@ class InBackwardStepBackend:
         """On CUDA, page in the state of the unit expected next in backward order."""
         if self.paging is None or not self._groups[index][1][0].is_cuda:
             return
-        position = self._order.index(index)
-        for candidate in self._order[position + 1:]:
+        for candidate in self._order[self._position[index] + 1:]:
             params = [p for p in self._groups[candidate][1] if p.requires_grad and id(p) in self._in_optimizer]
             if candidate in self._done or candidate in self._prefetched or not params:
                 continue
