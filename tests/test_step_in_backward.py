@@ -268,3 +268,11 @@ def test_trainer_in_backward_equals_the_ordinary_step_and_its_clipping_is_refuse
         trainer_weights(tmp_path, "in_backward")  # the Trainer's default clips
     with pytest.raises(IntegrationError, match="gradient_accumulation_steps=2"):
         trainer_weights(tmp_path, "in_backward", max_grad_norm=0.0, gradient_accumulation_steps=2)
+
+
+def test_row_chunks_are_refused():
+    slimfit = SlimFit.from_config({**BASE, "optimizer_step": "in_backward", "optimizer_paging": True,
+                                   "units": {"row_chunks": True}})
+    model = slimfit.prepare_model(tiny_llama())
+    with pytest.raises(IntegrationError, match="in_backward is not supported here: units.row_chunks"):
+        slimfit.attach(None, model, torch.optim.AdamW(model.parameters()))
