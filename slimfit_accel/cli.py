@@ -3,6 +3,7 @@
     slimfit-accel finetune --train-file data.csv --model ./my-bert --output-dir runs/mine
     slimfit-accel plugins [--json]
     slimfit-accel check-config my_slimfit.yaml [--model ./my-bert] [--task text|image]
+    slimfit-accel estimate --model ./my-llama --seq-len 2048 --batch 2 [--budget 24GiB --write-config fit.yaml] [--json]
     slimfit-accel --version
 """
 
@@ -43,10 +44,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--model", help="a model folder (config.json): units are found in it (no weights are loaded) "
                                        "and the scheduler makes its first decision")
     check.add_argument("--task", choices=("text", "image"), help="the model's task (default: from its config)")
+    estimate = commands.add_parser("estimate", help="device memory of fine-tuning arms from a model's config.json (no weights), "
+                                                    "and the SlimFit config that fits a budget")
+    estimate.add_argument("--model", required=True, help="a folder with config.json (weights are not read)")
+    estimate.add_argument("--seq-len", type=int, required=True)
+    estimate.add_argument("--batch", type=int, required=True)
+    estimate.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    estimate.add_argument("--task", choices=("causal-lm", "classification"), help="default: from the config's architectures")
+    estimate.add_argument("--slimfit-config", help="YAML the SlimFit arms start from (default: the packaged demo.yaml)")
+    estimate.add_argument("--freeze-ratio", type=float, default=0.9, help="slimfit_best's freeze ratio")
+    estimate.add_argument("--arms", nargs="+", help="subset of the arms (default: all)")
+    estimate.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                          help="where paging streams: cuda prefetches a second chunk; cpu matches a measurement on CPU")
+    estimate.add_argument("--budget", help="device memory to fit, e.g. 24GiB: prints (and with --write-config writes) the SlimFit config")
+    estimate.add_argument("--write-config", help="where to write the chosen config as YAML (with --budget)")
+    estimate.add_argument("--json", action="store_true", help="the whole table as JSON on stdout")
     args = parser.parse_args(argv)
     try:
         if args.command == "plugins":
             return _plugins(args.json)
+        if args.command == "estimate":
+            return _estimate(args)
         return _check_config(args.config, args.model, args.task)
     except SlimFitError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -56,6 +74,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         # final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import estimate as planner
+    from .config import load_config
+    from .errors import ConfigError
+
+    if args.write_config and not args.budget:
+        raise ConfigError("--write-config needs --budget: the config written is the one chosen to fit it")
+    base = None
+    if args.slimfit_config:
+        load_config(args.slimfit_config)  # a bad file fails here, with its line
+        import yaml
+
+        base = yaml.safe_load(Path(args.slimfit_config).read_text()) or {}
+    setup = planner.Setup(Path(args.model), seq_len=args.seq_len, batch=args.batch, precision=args.precision, task=args.task,
+                          slimfit_config=base, freeze_ratio=args.freeze_ratio, device=args.device).load()
+    log = (lambda line: print(line, file=sys.stderr, flush=True))
+    if args.budget:
+        budget = planner.parse_size(args.budget)
+        weights = planner.weight_bytes(setup)
+        if weights >= budget:
+            raise ConfigError(f"--budget {args.budget}: the weights alone take {planner.format_gib(weights)} "
+                              f"({args.precision}); no SlimFit config fits: use a bigger GPU")
+        choice = planner.fit_budget(setup, budget, progress=None if args.json else log)
+        if args.json:
+            print(json.dumps({"budget_bytes": budget, "rung": choice.rung, "config": choice.config,
+                              "estimate": planner.asdict(choice.estimate), "tried": choice.tried}, indent=2))
+        else:
+            print(f"fits {planner.format_gib(budget)}: {choice.rung} -> {planner.format_gib(choice.estimate.device_total)} "
+                  f"+ {planner.format_gib(planner.CUDA_RESERVE)} CUDA context")
+            print("rule: the first config of the ladder (base; + optimizer paging; + every block checkpointed; + chunked "
+                  "loss; + fp32 masters on host; + freeze_ratio 0.9/0.95/0.98) whose estimated device total fits")
+            import yaml
+
+            print(yaml.safe_dump(choice.config, sort_keys=False), end="")
+        if args.write_config:
+            planner.write_config(choice.config, Path(args.write_config),
+                                 header=f"# slimfit-accel estimate: fits {args.budget} at batch {args.batch} x {args.seq_len}, {args.precision} ({choice.rung})")
+            if not args.json:
+                print(f"wrote {args.write_config}")
+        return 0
+    results = planner.estimate(setup, args.arms, progress=None if args.json else log)
+    print(json.dumps(planner.to_json(setup, results), indent=2) if args.json else planner.render(setup, results))
+    return 0
 
 
 def _plugins(as_json: bool) -> int:

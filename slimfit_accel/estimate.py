@@ -1,0 +1,740 @@
+"""Will it fit my GPU? Device memory of fine-tuning arms, from a model's config.json alone.
+
+How: each arm's real training step runs on fake tensors (``torch._subclasses.FakeTensorMode``:
+shapes, dtypes and autograd graphs, no data, no weights) through the same code a real run uses:
+the model built from its config by transformers, PEFT for LoRA, ``SlimFit`` (units, scheduler,
+compression engine, block checkpointing, chunked loss, optimizer paging, master weights) and the
+``MemoryMeter``. The meter's figures are sums of ``numel * element_size`` over the tensors that
+exist, so on fake tensors they are the figures a real run measures, exactly (tested against real
+runs in ``tests/test_estimate.py``; ``benchmarks/memory.py`` measures the large geometries).
+
+Fake tensors have no data, so a few things are supplied (``shape_only``):
+
+- each fake storage gets a distinct made-up address, so identity checks (tied weights, views,
+  "is this saved tensor a parameter") answer as on a device;
+- a data-dependent branch reads "true", a scalar reads 1 (``.item()``) and every element is
+  non-zero (``.nonzero()``): transformers' checks for packed sequences and padding, and the
+  chunked loss's valid tokens, take the path of an unpadded batch, the one estimated;
+- the compression swaps (RMSNorm, gated MLP) decide on a random copy's real output, as always;
+- the ``bitmask`` compressor stores as a mask what a dropout module saves (its mask), and
+  sends anything else to its fallback (a real run decides from the values);
+- transformers is told fake tensors are not tracing (else it builds masks a real run skips);
+- SlimFit's scores: a unit that trained scores 0 (its real score, the relative weight change,
+  is tiny next to the huge score of units not trained yet), so the scheduler draws the same
+  units in the same seeded order as a real run's first steps.
+
+Steady state (as ``benchmarks/memory.py`` measures it): arms built on SlimFit start with AdamW
+state for every parameter (resident, or paged to host); under optimizer paging the step is
+also bounded by the largest the config allows (``worst_case_step``).
+
+Not measured, by formula (labelled so in the table): the working set (temporaries the meter
+does not count: the logits of a causal LM's forward and their fp32 upcast, or one chunk's with
+chunked loss), and the arm ``slimfit_8bit_frozen`` (frozen weights kept in int8 with a scale per
+row on the device: not in the library yet; estimated from ``slimfit_best``'s run).
+
+Example::
+
+    slimfit-accel estimate --model slimfit_accel/configs/models/llama-3-8b --seq-len 2048 --batch 2 --precision bf16
+    slimfit-accel estimate --model ./my-model --budget 24GiB --write-config fit.yaml
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+import warnings
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+import yaml
+
+from .errors import ConfigError
+
+GiB = 2**30
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+#: GPUs of these sizes (GB as sold: the card's memory in GiB); a fit leaves CUDA_RESERVE free.
+GPU_SIZES_GB = (12, 16, 24, 48)
+#: What the CUDA context and allocator take before any tensor (a typical figure, not measured).
+CUDA_RESERVE = GiB // 2
+ARMS = ("full", "full_pure_bf16", "full_checkpointing", "lora", "slimfit_default", "slimfit_best", "slimfit_8bit_frozen")
+FORMULA_ARMS = ("slimfit_8bit_frozen",)
+
+
+# ------------------------------------------------------------------------- fake execution
+@contextmanager
+def shape_only() -> Iterator[None]:
+    """Run real training code on fake tensors (see the module docstring for what is supplied)."""
+    from fnmatch import fnmatchcase
+
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+    from transformers.utils import import_utils
+
+    from .compression import gated_mlp, rmsnorm
+    from .compression.policy import DROPOUT_TYPES
+    from .strategies.compression.bitmask import Bitmask
+
+    originals = {
+        (torch.Tensor, "data_ptr"): torch.Tensor.data_ptr,
+        (torch.UntypedStorage, "data_ptr"): torch.UntypedStorage.data_ptr,
+        (torch.Tensor, "item"): torch.Tensor.item,
+        (torch.Tensor, "__bool__"): torch.Tensor.__bool__,
+        (torch.Tensor, "tolist"): torch.Tensor.tolist,
+        (import_utils, "is_fake_tensor"): import_utils.is_fake_tensor,
+        (torch.nn.Module, "to"): torch.nn.Module.to,
+        (Bitmask, "pack"): Bitmask.pack,
+        (torch.Tensor, "nonzero"): torch.Tensor.nonzero,
+        (rmsnorm, "is_rmsnorm"): rmsnorm.is_rmsnorm,
+        (gated_mlp, "_assignment"): gated_mlp._assignment,  # noqa: SLF001
+    }
+
+    def storage_ptr(storage):
+        ptr = originals[(torch.UntypedStorage, "data_ptr")](storage)
+        return ptr if ptr else storage._cdata << 40  # distinct per storage, far from real addresses
+
+    def data_ptr(tensor):
+        if isinstance(tensor, FakeTensor):
+            return storage_ptr(tensor.untyped_storage()) + tensor.storage_offset() * tensor.element_size()
+        return originals[(torch.Tensor, "data_ptr")](tensor)
+
+    def item(tensor):
+        if isinstance(tensor, FakeTensor):
+            return True if tensor.dtype == torch.bool else (1.0 if tensor.is_floating_point() else 1)
+        return originals[(torch.Tensor, "item")](tensor)
+
+    def as_bool(tensor):
+        return True if isinstance(tensor, FakeTensor) else originals[(torch.Tensor, "__bool__")](tensor)
+
+    def tolist(tensor):
+        if isinstance(tensor, FakeTensor):
+            return _zeros_list(tuple(tensor.shape))
+        return originals[(torch.Tensor, "tolist")](tensor)
+
+    def module_to(module, *args, **kwargs):
+        # Module.to swaps fake parameters (swap_tensors), which fails while anything else refers
+        # to them; everything here is on one (fake) device: a dtype change sets .data instead.
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None and torch.device(device).type != "cpu":
+            return originals[(torch.nn.Module, "to")](module, *args, **kwargs)
+        if dtype is not None:
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                if tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor.data = tensor.data.to(dtype)
+        return module
+
+    def on_real_numbers(probe):
+        # the compression swaps compare a random copy's output with the formula: real numbers
+        def run(*args, **kwargs):
+            with unset_fake_temporarily():
+                return probe(*args, **kwargs)
+
+        return run
+
+    def nonzero(tensor, *args, **kwargs):
+        # every element counts as non-zero (as in the unpadded batch estimated: every token valid)
+        if not isinstance(tensor, FakeTensor) or args or kwargs:
+            return originals[(torch.Tensor, "nonzero")](tensor, *args, **kwargs)
+        index = torch.arange(tensor.numel())
+        columns, stride = [], tensor.numel()
+        for size in tensor.shape:
+            stride //= size
+            columns.append((index // stride) % size)
+        return torch.stack(columns, 1) if columns else index.reshape(-1, 0)
+
+    def bitmask_pack(compressor, tensor, ctx=None):
+        # Whether a tensor is a 0/c mask is in its values; on fake tensors: those saved inside a
+        # dropout module are (its mask is what it saves), any other goes to the fallback.
+        if not isinstance(tensor, FakeTensor) or compressor.sign:
+            return originals[(Bitmask, "pack")](compressor, tensor, ctx)
+        if ctx is not None and fnmatchcase(ctx.module_type, DROPOUT_TYPES):
+            flat = tensor.detach().reshape(-1)
+            return compressor._pack_bits(flat != 0, flat[0], tensor)  # noqa: SLF001
+        return compressor._fallback.pack(tensor, ctx) if compressor._fallback is not None else tensor  # noqa: SLF001
+
+    replacements = {
+        (torch.Tensor, "data_ptr"): data_ptr,
+        (torch.UntypedStorage, "data_ptr"): storage_ptr,
+        (torch.Tensor, "item"): item,
+        (torch.Tensor, "__bool__"): as_bool,
+        (torch.Tensor, "tolist"): tolist,
+        (import_utils, "is_fake_tensor"): lambda tensor: False,
+        (torch.nn.Module, "to"): module_to,
+        (Bitmask, "pack"): bitmask_pack,
+        (torch.Tensor, "nonzero"): nonzero,
+        (rmsnorm, "is_rmsnorm"): on_real_numbers(rmsnorm.is_rmsnorm),
+        (gated_mlp, "_assignment"): on_real_numbers(gated_mlp._assignment),  # noqa: SLF001
+    }
+    try:
+        for (owner, name), value in replacements.items():
+            setattr(owner, name, value)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
+            warnings.filterwarnings("ignore", category=UserWarning, module="slimfit_accel")
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                yield
+    finally:
+        for (owner, name), value in originals.items():
+            setattr(owner, name, value)
+
+
+def _zeros_list(shape: tuple[int, ...]) -> Any:
+    if not shape:
+        return 0.0
+    return [_zeros_list(shape[1:]) for _ in range(shape[0])]
+
+
+# ------------------------------------------------------------------------- inputs
+@dataclass
+class Setup:
+    """What is estimated: the model (a folder with config.json), its task, the batch."""
+
+    model_dir: Path
+    seq_len: int
+    batch: int
+    precision: str = "bf16"  # bf16 (mixed; pure-bf16 arm too) or fp32
+    task: str | None = None  # causal-lm or classification; None: from the config
+    slimfit_config: Mapping[str, Any] | None = None  # base of the SlimFit arms (default: demo.yaml)
+    freeze_ratio: float = 0.9  # slimfit_best's
+    seed: int = 0
+    steps: int = 2  # measured steps after one warm-up, as benchmarks/memory.py
+    device: str = "cuda"  # what paging streams on: CUDA prefetches a second chunk (cpu: as measured here)
+    fake: bool = True  # False: the same steps on real tensors (random weights), to check the estimate
+    config: Any = None  # the transformers config, read by load()
+
+    def load(self) -> "Setup":
+        from transformers import AutoConfig
+
+        path = Path(self.model_dir)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"--model {path}: no config.json there; pass a folder with a transformers config.json (no weights needed)")
+        try:
+            self.config = AutoConfig.from_pretrained(str(path))
+        except Exception as err:  # transformers raises several kinds for a bad file
+            raise ConfigError(f"--model {path}: cannot read its config.json ({str(err).splitlines()[0]})") from None
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"--precision {self.precision}: choose bf16 or fp32")
+        if self.seq_len <= 0 or self.batch <= 0:
+            raise ConfigError(f"--seq-len {self.seq_len} --batch {self.batch}: both must be positive")
+        limit = getattr(self.config, "max_position_embeddings", None)
+        if limit and self.seq_len > limit:
+            raise ConfigError(f"--seq-len {self.seq_len} is longer than the model's max_position_embeddings ({limit})")
+        if self.task is None:
+            architectures = getattr(self.config, "architectures", None) or []
+            causal = any(a.endswith("ForCausalLM") for a in architectures) or getattr(self.config, "is_decoder", False)
+            self.task = "causal-lm" if causal else "classification"
+        if self.task not in ("causal-lm", "classification"):
+            raise ConfigError(f"--task {self.task}: choose causal-lm or classification")
+        return self
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16"
+
+    def base_slimfit(self) -> dict[str, Any]:
+        if self.slimfit_config is not None:
+            return copy.deepcopy(dict(self.slimfit_config))
+        return yaml.safe_load(DEFAULT_CONFIG.read_text())
+
+    def build_model(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        torch.manual_seed(self.seed)
+        config = copy.deepcopy(self.config)
+        config.use_cache = False
+        if self.task == "causal-lm":
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        else:
+            config.num_labels = getattr(config, "num_labels", 2) or 2
+            model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+        return model.train()
+
+    def make_batch(self) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed)
+        vocab = self.config.vocab_size
+        ids = torch.randint(0, vocab, (self.batch, self.seq_len), generator=generator)
+        if self.task == "causal-lm":
+            return {"input_ids": ids, "labels": ids}
+        return {"input_ids": ids, "labels": torch.randint(0, 2, (self.batch,), generator=generator)}
+
+
+# ------------------------------------------------------------------------- arms
+@dataclass
+class Arm:
+    """A built arm: what one training step needs, and what the estimate reports of it."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    meter: Any
+    step: Callable[[], Any] | None = None  # a context per step (SlimFit's)
+    cleanup: Callable[[], None] | None = None
+    metered: bool = False  # the step context runs the meter
+    slimfit: Any = None
+    autocast: bool = False
+    chunked: int | None = None  # chunk size when the loss is chunked
+    slimfit_config: dict[str, Any] | None = None
+    note: str = ""
+
+
+def _adamw(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-5)
+
+
+def prime_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """AdamW state for every parameter, as once every unit has trained (zero gradients, one step)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _meter(model, optimizer):
+    from .memory import MemoryMeter
+
+    return MemoryMeter(model, optimizer)
+
+
+def arm_full(setup: Setup) -> Arm:
+    model = setup.build_model()
+    optimizer = _adamw(model.parameters())
+    return Arm(model, optimizer, _meter(model, optimizer), autocast=setup.bf16,
+               note="fp32 weights and AdamW, bf16 autocast" if setup.bf16 else "fp32")
+
+
+def arm_full_pure_bf16(setup: Setup) -> Arm:
+    model = setup.build_model(torch.bfloat16)
+    optimizer = _adamw(model.parameters())
+    return Arm(model, optimizer, _meter(model, optimizer), note="bf16 weights and bf16 AdamW state")
+
+
+def arm_full_checkpointing(setup: Setup) -> Arm:
+    arm = arm_full(setup)
+    # reentrant: recomputed blocks' saved tensors go through the meter's hooks (benchmarks/memory.py)
+    arm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    arm.note += ", every block recomputed (transformers' gradient checkpointing)"
+    return arm
+
+
+def arm_lora(setup: Setup) -> Arm:
+    from peft import LoraConfig, get_peft_model
+
+    base = setup.build_model(torch.bfloat16 if setup.bf16 else torch.float32)
+    targets = _attention_projections(base)
+    task = "CAUSAL_LM" if setup.task == "causal-lm" else "SEQ_CLS"
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type=task))
+    optimizer = _adamw(model.parameters())
+    note = f"r=8 on {'/'.join(targets)}" + (", bf16 base, fp32 adapters, bf16 autocast" if setup.bf16 else "")
+    return Arm(model, optimizer, _meter(model, optimizer), autocast=setup.bf16, note=note)
+
+
+def _attention_projections(model: torch.nn.Module) -> list[str]:
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for choice in (["q_proj", "k_proj", "v_proj"], ["query", "key", "value"], ["c_attn"], ["qkv_proj"]):
+        if set(choice) <= names:
+            return choice
+    raise ConfigError("LoRA: no attention projections (q_proj/k_proj/v_proj or query/key/value) in this model")
+
+
+def slimfit_arm(setup: Setup, config: dict[str, Any], note: str = "") -> Arm:
+    """A SlimFit arm from ``config``, as benchmarks/memory.py builds it (primed AdamW state)."""
+    from .slimfit import SlimFit
+
+    slimfit = SlimFit.from_config(config)
+    model = slimfit.prepare_model(setup.build_model())
+    optimizer = _adamw(model.parameters())
+    if slimfit.master_weights is not None:
+        _prime_with_masters(optimizer, slimfit.master_weights)
+    else:
+        prime_optimizer_state(optimizer)
+    slimfit.attach(None, model, optimizer)
+    if setup.fake:
+        _scores_without_data(slimfit.controller)
+    chunked = slimfit.config.chunked_loss.chunk_size if slimfit.config.chunked_loss is not None else None
+    return Arm(model, optimizer, slimfit.memory, step=slimfit.step, cleanup=slimfit.detach, metered=True,
+               slimfit=slimfit, autocast=setup.bf16, chunked=chunked, slimfit_config=config, note=note)
+
+
+def _prime_with_masters(optimizer: torch.optim.Optimizer, masters: Any) -> None:
+    """Primed state against the fp32 masters (as ``master_weights: host`` creates it): fp32."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            master = masters.of(param)
+            reference = master.host if master is not None else param
+            optimizer.state[param] = {
+                "step": torch.tensor(1.0),
+                "exp_avg": torch.zeros_like(reference, device=param.device),
+                "exp_avg_sq": torch.zeros_like(reference, device=param.device),
+            }
+
+
+def _scores_without_data(controller: Any) -> None:
+    """Real scores for the scheduler, and a unit that trained scores 0 (see the module docstring)."""
+    import dataclasses
+
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from .controller import UNTRAINED_SCORE
+    from .rng import derived_generator
+
+    with unset_fake_temporarily():  # built under the fake mode: the same draw, on real numbers
+        count = len(controller.scores)
+        controller.scores = UNTRAINED_SCORE * (1 + torch.rand(count, generator=derived_generator(controller.seed), dtype=torch.float64))
+    controller._checked = None  # noqa: SLF001 (the decision bind() validated was drawn on fake scores)
+
+    def update(views, carried):
+        with unset_fake_temporarily():
+            for view in views:
+                controller.scores[controller._position[view.name]] = 0.0  # noqa: SLF001 (the controller's index)
+
+    controller._update_scores = update  # noqa: SLF001
+    # no weight snapshots for a score never computed (the meter does not count them)
+    controller.scorer = dataclasses.replace(controller.scorer, strategy=_NoSnapshot())
+
+
+class _NoSnapshot:
+    def before_step(self, views):
+        return None
+
+    def after_step(self, views, before):  # pragma: no cover - replaced with the update above
+        return torch.zeros(len(views))
+
+
+def slimfit_default_config(setup: Setup) -> dict[str, Any]:
+    return setup.base_slimfit()
+
+
+def slimfit_best_config(setup: Setup) -> dict[str, Any]:
+    """The default config with ``freeze_ratio``, every block checkpointed, optimizer paging, and
+    for a causal LM the chunked loss; in bf16 the fp32 masters on host (bf16 weights on device)."""
+    config = setup.base_slimfit()
+    scheduler = dict(config.get("scheduler") or {"name": "ils"})
+    scheduler["freeze_ratio"] = setup.freeze_ratio
+    config.update(scheduler=scheduler, checkpointing={"blocks": "all"}, optimizer_paging=True)
+    config.setdefault("compression", "slimfit")
+    if setup.task == "causal-lm":
+        config["chunked_loss"] = True
+    if setup.bf16:
+        config["master_weights"] = "host"
+    return config
+
+
+def arm_slimfit_default(setup: Setup) -> Arm:
+    return slimfit_arm(setup, slimfit_default_config(setup), note="the given SlimFit config" if setup.slimfit_config else "the packaged default config (demo.yaml)")
+
+
+def arm_slimfit_best(setup: Setup) -> Arm:
+    parts = [f"freeze_ratio {setup.freeze_ratio}", "all blocks checkpointed", "optimizer paging"]
+    parts += ["chunked loss"] if setup.task == "causal-lm" else []
+    parts += ["bf16 weights, fp32 masters on host"] if setup.bf16 else []
+    return slimfit_arm(setup, slimfit_best_config(setup), note=", ".join(parts))
+
+
+ARM_BUILDERS: dict[str, Callable[[Setup], Arm]] = {
+    "full": arm_full, "full_pure_bf16": arm_full_pure_bf16, "full_checkpointing": arm_full_checkpointing,
+    "lora": arm_lora, "slimfit_default": arm_slimfit_default, "slimfit_best": arm_slimfit_best,
+}
+
+
+# ------------------------------------------------------------------------- running
+@dataclass
+class ArmEstimate:
+    """Device bytes of one arm at its steady state, by category (see ``CATEGORY_LABELS``)."""
+
+    name: str
+    method: str  # "fake-tensor run" or "formula"
+    note: str
+    weights: int
+    gradients: int
+    optimizer: int  # on the device (under paging: the most the step holds)
+    optimizer_host: int  # paged state and fp32 masters in host memory
+    activations_stored: int
+    activations_raw: int
+    logits_and_loss: int  # of the stored activations, what the logits and the loss keep (by shape)
+    meter_total: int  # the meter's steady total: the peak of weights+gradients+optimizer+activations
+    working_set: int  # temporaries the meter does not count (formula)
+    device_total: int  # meter_total + working_set
+    trainable: int  # parameters the optimizer holds
+    fits: dict[str, bool] = field(default_factory=dict)
+    slimfit_config: dict[str, Any] | None = None
+
+
+CATEGORY_LABELS = {
+    "weights": "weights", "gradients": "gradients (peak live)", "optimizer": "optimizer, device",
+    "optimizer_host": "optimizer+masters, host", "activations_raw": "saved act. raw",
+    "activations_stored": "saved act. stored", "logits_and_loss": "of which logits+loss",
+    "meter_total": "meter total", "working_set": "working set*", "device_total": "device total",
+}
+
+
+def run_arm(setup: Setup, name: str, builder: Callable[[Setup], Arm] | None = None) -> ArmEstimate:
+    """Build the arm (``builder``, default the arm of that name) and run its warm-up and
+    measured steps on fake tensors (real ones with ``setup.fake`` false)."""
+    with shape_only() if setup.fake else ExitStack():
+        arm = (builder or ARM_BUILDERS[name])(setup)
+        batch = setup.make_batch()
+        measured = []
+        for index in range(1 + setup.steps):
+            with ExitStack() as stack:
+                if not arm.metered:
+                    stack.enter_context(arm.meter.step())
+                if arm.step is not None:
+                    stack.enter_context(arm.step())
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=arm.autocast):
+                    loss = arm.model(**batch).loss
+                loss.backward()
+                arm.optimizer.step()
+                arm.optimizer.zero_grad(set_to_none=True)
+            if index >= 1:
+                measured.append(arm.meter.last)
+        peak = {k: max(getattr(m, k) for m in measured) for k in
+                ("params", "grads", "optimizer", "activations", "activations_raw", "total", "optimizer_paged", "master_paged")}
+        total = peak["total"]
+        if arm.slimfit is not None and arm.slimfit.controller.backend.paging is not None:
+            worst_grads, worst_chunk = worst_case_step(arm.slimfit, arm.optimizer, cuda=setup.device == "cuda")
+            total = max(total + max(0, worst_grads - peak["grads"]), peak["params"] + worst_grads + worst_chunk)
+            peak["grads"] = max(peak["grads"], worst_grads)
+        trainable = sum(p.numel() for g in arm.optimizer.param_groups for p in g["params"])
+        working = working_set(setup, arm)
+        result = ArmEstimate(
+            name=name, method="fake-tensor run", note=arm.note, weights=peak["params"], gradients=peak["grads"],
+            optimizer=peak["optimizer"], optimizer_host=peak["optimizer_paged"] + peak["master_paged"],
+            activations_stored=peak["activations"], activations_raw=peak["activations_raw"],
+            logits_and_loss=logits_and_loss(setup, arm), meter_total=total, working_set=working,
+            device_total=total + working, trainable=trainable, slimfit_config=arm.slimfit_config,
+        )
+        arm.meter.close()
+        if arm.cleanup is not None:
+            arm.cleanup()
+    return result
+
+
+def worst_case_step(slimfit: Any, optimizer: torch.optim.Optimizer, cuda: bool = True) -> tuple[int, int]:
+    """(gradient bytes, device-resident state bytes) one step may hold at most under paging,
+    whatever units were drawn: gradients of everything not schedulable plus the step's budget
+    (ILS ``budget: parameters``) or the largest units as many as it picks; the state of the
+    largest chunk paging streams (two on CUDA, which prefetches). As ``benchmarks/memory.py``."""
+    scheduled = {id(p) for u in slimfit.units.schedulable for p in u.params}
+    grads = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"] if id(p) not in scheduled)
+    strategy = slimfit.controller.scheduler.strategy
+    size = slimfit.units.schedulable[0].params[0].element_size()
+    if getattr(strategy, "budget", "units") == "parameters":
+        grads += strategy.step_budget([u.numel for u in slimfit.units.schedulable]) * size
+    else:
+        picked = len(slimfit.controller.trainable)
+        largest = sorted(slimfit.units.schedulable, key=lambda u: u.numel, reverse=True)[:picked]
+        grads += sum(p.numel() * p.element_size() for u in largest for p in u.params)
+    paging = slimfit.controller.backend.paging
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if paging.masters is None:
+        largest_param = max(p.numel() * p.element_size() for p in params)
+        chunk = min(max(paging.chunk_bytes, largest_param), grads)  # a chunk holds no more than the step trains
+        chunk_state = 2 * chunk + 64  # two moments (+ step counts)
+    else:  # chunks count fp32 masters; each brings its masters, two fp32 moments and fp32 gradients
+        largest_master = max(p.numel() * 4 for p in params)
+        chunk = min(max(paging.chunk_bytes, largest_master), grads * 4 // size)
+        chunk_state = 4 * chunk + 64
+    return grads, chunk_state * (2 if cuda else 1)
+
+
+def logits_and_loss(setup: Setup, arm: Arm) -> int:
+    """What cross-entropy keeps of the logits for backward on the standard path: its fp32
+    log-probabilities, tokens x vocab (raw, before any compression; by shape). 0 for a
+    classifier, and with the chunked loss (which keeps only the hidden states)."""
+    if setup.task != "causal-lm" or arm.chunked is not None:
+        return 0
+    return setup.batch * setup.seq_len * setup.config.vocab_size * 4
+
+
+def working_set(setup: Setup, arm: Arm) -> int:
+    """Temporaries the meter does not count, by formula. A causal LM: the forward's logits in
+    the compute dtype and their fp32 upcast (alive together until the loss is taken), or with
+    the chunked loss one chunk's fp32 logits and their gradient. A classifier: 0 (its largest
+    temporary, one block's, is small next to its saved activations)."""
+    if setup.task != "causal-lm":
+        return 0
+    vocab = setup.config.vocab_size
+    tokens = setup.batch * setup.seq_len
+    if arm.chunked is not None:
+        return 2 * min(arm.chunked, tokens) * vocab * 4
+    compute = 2 if (arm.autocast or arm.model.dtype == torch.bfloat16) else 4
+    return tokens * vocab * (compute + 4)
+
+
+def frozen_8bit_from(best: ArmEstimate, setup: Setup) -> ArmEstimate:
+    """``slimfit_8bit_frozen`` by formula from ``slimfit_best``'s run (not in the library yet):
+    every schedulable unit's weight kept in int8 with one fp32 scale per row on the device; the
+    units a step trains (its budget) also in the model dtype while they train; the rest
+    (always-trained, biases, norms, never-scheduled parameters) as in ``slimfit_best``."""
+    from .slimfit import SlimFit
+
+    with shape_only():
+        slimfit = SlimFit.from_config(best.slimfit_config)
+        model = slimfit.prepare_model(setup.build_model())
+        if slimfit.master_weights is None and setup.bf16:
+            model.to(torch.bfloat16)
+        units = slimfit.units.schedulable
+        matrices = [p for u in units for p in u.params if p.dim() >= 2]
+        int8 = sum(p.numel() + p.shape[0] * 4 for p in matrices)
+        kept = best.weights - sum(p.numel() * p.element_size() for p in matrices)
+        element = matrices[0].element_size() if matrices else 2
+        strategy = slimfit.scheduler.strategy
+        budget = strategy.step_budget([u.numel for u in units]) if hasattr(strategy, "step_budget") else 0
+        slimfit.detach() if slimfit.controller is not None else None
+    weights = int8 + kept + budget * element
+    saved = best.weights - weights
+    result = copy.deepcopy(best)
+    result.name, result.method = "slimfit_8bit_frozen", "formula"
+    result.note = f"as slimfit_best, frozen weights int8 + fp32 row scales, the step's {budget:,d} trained parameters also in {'bf16' if element == 2 else 'fp32'}"
+    result.weights = weights
+    result.meter_total = best.meter_total - saved
+    result.device_total = best.device_total - saved
+    return result
+
+
+def gpu_fits(device_total: int) -> dict[str, bool]:
+    """Which GPUs (N GB cards hold N GiB) it fits, leaving ``CUDA_RESERVE`` for the context."""
+    return {f"{gb}GB": device_total + CUDA_RESERVE <= gb * GiB for gb in GPU_SIZES_GB}
+
+
+def estimate(setup: Setup, arms: list[str] | None = None, progress: Callable[[str], None] | None = None) -> list[ArmEstimate]:
+    """Estimate each arm (default: all of ``ARMS``; ``full_pure_bf16`` only in bf16)."""
+    arms = list(arms or [a for a in ARMS if setup.bf16 or a != "full_pure_bf16"])
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ConfigError(f"--arms: unknown {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    results: dict[str, ArmEstimate] = {}
+    need_best = "slimfit_8bit_frozen" in arms and "slimfit_best" not in arms
+    for name in [a for a in arms if a not in FORMULA_ARMS] + (["slimfit_best"] if need_best else []):
+        start = time.perf_counter()
+        results[name] = run_arm(setup, name)
+        if progress is not None:
+            progress(f"{name}: {format_gib(results[name].device_total)} ({time.perf_counter() - start:.1f} s)")
+    if "slimfit_8bit_frozen" in arms:
+        results["slimfit_8bit_frozen"] = frozen_8bit_from(results["slimfit_best"], setup)
+    out = [results[a] for a in arms]
+    for result in out:
+        result.fits = gpu_fits(result.device_total)
+    return out
+
+
+def format_gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def render(setup: Setup, results: list[ArmEstimate]) -> str:
+    """The table: one row per arm, categories in GiB, which GPUs it fits."""
+    from rich.console import Console
+    from rich.table import Table
+
+    title = (f"{setup.model_dir} ({type(setup.config).__name__}, {setup.task}), batch {setup.batch} x {setup.seq_len} tokens, "
+             f"{setup.precision}: device memory at steady state")
+    table = Table(title=title, header_style="bold")
+    table.add_column("arm")
+    for label in CATEGORY_LABELS.values():
+        table.add_column(label, justify="right")
+    table.add_column("fits", justify="left")
+    for r in results:
+        cells = [f"{getattr(r, key) / GiB:.2f}" for key in CATEGORY_LABELS]
+        fits = ", ".join(k for k, ok in r.fits.items() if ok) or "none of " + "/".join(map(str, GPU_SIZES_GB)) + " GB"
+        table.add_row(r.name + (" (formula)" if r.method == "formula" else ""), *cells, fits)
+    out = Console(width=220, force_terminal=False, color_system=None, record=True, file=open("/dev/null", "w"))
+    out.print(table)
+    notes = [f"  {r.name}: {r.note}" for r in results]
+    footer = ("GiB. * working set by formula (logits temporaries); everything else measured by running the step on fake "
+              f"tensors through MemoryMeter. Fits: device total + {CUDA_RESERVE / GiB:.1f} GiB CUDA context <= the card's GiB.")
+    return out.export_text() + "\n".join(notes) + "\n" + footer
+
+
+def to_json(setup: Setup, results: list[ArmEstimate]) -> dict[str, Any]:
+    return {
+        "model": str(setup.model_dir), "architecture": type(setup.config).__name__, "task": setup.task,
+        "batch": setup.batch, "seq_len": setup.seq_len, "precision": setup.precision, "device": setup.device,
+        "units": "bytes", "gpu_sizes_gb": list(GPU_SIZES_GB), "cuda_reserve_bytes": CUDA_RESERVE,
+        "arms": [asdict(r) for r in results],
+    }
+
+
+# ------------------------------------------------------------------------- budget
+def parse_size(text: str) -> int:
+    """``24GiB``, ``24GB`` (as cards are sold: GiB), ``1.5TiB``, ``800MiB``, or bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"--budget {text!r}: write a size such as 24GiB or 12GB")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    scale = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit[0]]
+    return int(number * scale)
+
+
+def budget_ladder(setup: Setup) -> list[tuple[str, dict[str, Any]]]:
+    """SlimFit configs from least to most memory-saving; the first that fits is chosen.
+
+    Each rung keeps the previous one's settings: the base config; + optimizer paging; + every
+    block checkpointed; + chunked loss (causal LM); + fp32 masters on host (bf16); then higher
+    freeze ratios (0.9, 0.95, 0.98) with all of the above. Rungs that cost time come after
+    those that cost none (paging is bit-identical and cheap), quality-changing rungs last."""
+    base = setup.base_slimfit()
+    rungs: list[tuple[str, dict[str, Any]]] = [("the base config", copy.deepcopy(base))]
+    config = copy.deepcopy(base)
+    config["optimizer_paging"] = True
+    rungs.append(("+ optimizer paging", copy.deepcopy(config)))
+    config["checkpointing"] = {"blocks": "all"}
+    rungs.append(("+ every block checkpointed", copy.deepcopy(config)))
+    if setup.task == "causal-lm":
+        config["chunked_loss"] = True
+        rungs.append(("+ chunked loss", copy.deepcopy(config)))
+    if setup.bf16:
+        config["master_weights"] = "host"
+        rungs.append(("+ bf16 weights, fp32 masters on host", copy.deepcopy(config)))
+    current = float((config.get("scheduler") or {}).get("freeze_ratio", 0.9))
+    for ratio in (0.9, 0.95, 0.98):
+        if ratio > current + 1e-9:
+            config = copy.deepcopy(config)
+            config["scheduler"] = {**(config.get("scheduler") or {"name": "ils"}), "freeze_ratio": ratio}
+            rungs.append((f"+ freeze_ratio {ratio}", config))
+    return rungs
+
+
+@dataclass
+class BudgetChoice:
+    rung: str
+    config: dict[str, Any]
+    estimate: ArmEstimate
+    tried: list[tuple[str, int]]  # (rung, device total) of each rung estimated
+
+
+def fit_budget(setup: Setup, budget: int, progress: Callable[[str], None] | None = None) -> BudgetChoice:
+    """The first rung of ``budget_ladder`` whose device total (+ CUDA context) is within ``budget``."""
+    tried: list[tuple[str, int]] = []
+    for rung, config in budget_ladder(setup):
+        result = run_arm(setup, "budget", builder=lambda s: slimfit_arm(s, config, note=rung))
+        tried.append((rung, result.device_total))
+        if progress is not None:
+            progress(f"{rung}: {format_gib(result.device_total)}")
+        if result.device_total + CUDA_RESERVE <= budget:
+            return BudgetChoice(rung, config, result, tried)
+    smallest = min(total for _, total in tried)
+    raise ConfigError(
+        f"--budget {format_gib(budget)}: no SlimFit config fits; the smallest found needs {format_gib(smallest)} "
+        f"+ {format_gib(CUDA_RESERVE)} CUDA context (the last rung of the ladder). Use a bigger GPU, a shorter "
+        f"--seq-len or a smaller --batch."
+    )
+
+
+def weight_bytes(setup: Setup) -> int:
+    """Bytes of the model's weights in the smallest form the ladder keeps them (bf16 in bf16, else fp32)."""
+    with shape_only():
+        model = setup.build_model()
+        count = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return count * (2 if setup.bf16 else 4)
+
+
+def write_config(config: Mapping[str, Any], path: Path, header: str = "") -> None:
+    """Write ``config`` as YAML that ``SlimFit.from_config`` loads (checked before writing)."""
+    from .config import load_config
+
+    load_config(dict(config))
+    text = (header + "\n" if header else "") + yaml.safe_dump(dict(config), sort_keys=False)
+    Path(path).write_text(text)
