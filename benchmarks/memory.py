@@ -82,8 +82,8 @@ def build_model(args: argparse.Namespace, device: torch.device):
 
         config = LlamaConfig(
             vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-            num_attention_heads=args.heads, num_key_value_heads=args.heads, intermediate_size=args.intermediate,
-            max_position_embeddings=max(512, args.seq_len), use_cache=False,
+            num_attention_heads=args.heads, num_key_value_heads=args.kv_heads or args.heads, intermediate_size=args.intermediate,
+            max_position_embeddings=max(512, args.seq_len), use_cache=False, tie_word_embeddings=args.tie_embeddings,
         )
         return LlamaForCausalLM(config).to(device).train()
     from transformers import BertConfig, BertForSequenceClassification
@@ -246,25 +246,13 @@ def prime_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 
 def worst_case_step(slimfit: SlimFit, optimizer: torch.optim.Optimizer, device: torch.device) -> tuple[int, int]:
     """(gradient bytes, device-resident state bytes) that one step may hold at most under paging,
-    whatever units the measured steps happened to draw: the gradients of everything in the
-    optimizer that is not a schedulable unit plus the step's budget (the largest units, as many
-    as the scheduler picks, or for ILS with ``budget: parameters`` the budget itself); the state
-    of the largest chunk paging streams through the step (two on CUDA, which prefetches)."""
-    scheduled = {id(p) for u in slimfit.units.schedulable for p in u.params}
-    grads = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"] if id(p) not in scheduled)
-    strategy = slimfit.controller.scheduler.strategy
-    if getattr(strategy, "budget", "units") == "parameters":
-        size = slimfit.units.schedulable[0].params[0].element_size()
-        grads += strategy.step_budget([u.numel for u in slimfit.units.schedulable]) * size
-    else:
-        picked = len(slimfit.controller.trainable)
-        largest = sorted(slimfit.units.schedulable, key=lambda u: u.numel, reverse=True)[:picked]
-        grads += sum(p.numel() * p.element_size() for u in largest for p in u.params)
-    paging = slimfit.controller.backend.paging
-    largest_param = max(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
-    chunk = min(max(paging.chunk_bytes, largest_param), grads)  # a chunk holds no more than the step trains
-    chunk_state = 2 * chunk + 64  # two moments (+ step counts)
-    return grads, chunk_state * (2 if device.type == "cuda" else 1)
+    whatever units the measured steps happened to draw (``slimfit_accel.estimate.worst_case_step``:
+    the gradients of everything not schedulable plus the step's budget, the state of the largest
+    chunk paging streams, two on CUDA, which prefetches; with fp32 masters, also their masters
+    and fp32 gradients)."""
+    from slimfit_accel.estimate import worst_case_step as bound
+
+    return bound(slimfit, optimizer, cuda=device.type == "cuda")
 
 
 def _slimfit_arm(args, device, config):
@@ -272,7 +260,12 @@ def _slimfit_arm(args, device, config):
     slimfit = SlimFit.from_config(config)
     model = slimfit.prepare_model(model)
     optimizer = adamw(model.parameters())
-    prime_optimizer_state(optimizer)
+    if slimfit.master_weights is not None:  # fp32 state, as the update on the fp32 masters creates it
+        from slimfit_accel.estimate import prime_with_masters
+
+        prime_with_masters(optimizer, slimfit.master_weights)
+    else:
+        prime_optimizer_state(optimizer)
     slimfit.attach(None, model, optimizer)
     SLIMFIT_OF[id(slimfit.memory)] = slimfit
     # slimfit.step() runs slimfit.memory (without compression it counts what autograd saves)
@@ -310,9 +303,14 @@ def arm_slimfit_default_ratio(args, device):
 
 
 def arm_slimfit_best(args, device):
-    """The default config with ``--freeze-ratio``, every block checkpointed and optimizer paging."""
+    """The default config with ``--freeze-ratio``, every block checkpointed and optimizer paging; for
+    the Llama decoder also the chunked loss, and under ``--precision bf16`` fp32 masters on host."""
     config = _default_config_at_ratio(args)
     config.update(checkpointing={"blocks": "all"}, optimizer_paging=True, compression="slimfit")
+    if args.model == "llama":  # no logits kept (as slimfit_accel.estimate's slimfit_best)
+        config["chunked_loss"] = True
+    if args.precision == "bf16":  # bf16 weights on the device, fp32 masters on host
+        config["master_weights"] = "host"
     return _slimfit_arm(args, device, config)
 
 
@@ -373,7 +371,8 @@ def run_arm(name: str, args: argparse.Namespace, batch_size: int, device: torch.
                 stack.enter_context(meter.step())
             if step_ctx is not None:
                 stack.enter_context(step_ctx())
-            loss = model(**batch).loss
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                loss = model(**batch).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -483,6 +482,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--intermediate", type=int, default=3072)
     parser.add_argument("--vocab", type=int, default=30522)
+    parser.add_argument("--kv-heads", type=int, default=None, help="llama: key/value heads (default: --heads)")
+    parser.add_argument("--tie-embeddings", action="store_true", help="llama: the head shares the input embeddings")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: the forward under bf16 autocast (fp32 weights and AdamW), slimfit_best with fp32 masters on host")
     parser.add_argument("--freeze-ratio", type=float, default=0.9, help="slimfit_freeze/compress/default_ratio/best (slimfit_default: its file's)")
     parser.add_argument("--galore-rank", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps per arm")
@@ -507,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.json or Path("runs") / "memory" / f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     config = {
         "model": f"{args.model} (random init)", "default_config": str(DEFAULT_CONFIG), "galore_rank": args.galore_rank, "layers": args.layers, "hidden": args.hidden, "heads": args.heads,
-        "intermediate": args.intermediate, "vocab": args.vocab, "seq_len": args.seq_len, "batches": args.batch,
+        "intermediate": args.intermediate, "vocab": args.vocab, "kv_heads": args.kv_heads or args.heads,
+        "tie_embeddings": args.tie_embeddings, "precision": args.precision, "seq_len": args.seq_len, "batches": args.batch,
         "freeze_ratio": args.freeze_ratio, "optimizer": "AdamW fp32", "warmup_steps": args.warmup,
         "measured_steps": args.steps, "device": str(device), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "host": platform.node(), "started": started,

@@ -16,8 +16,8 @@ Fake tensors have no data, so a few things are supplied (``shape_only``):
   non-zero (``.nonzero()``): transformers' checks for packed sequences and padding, and the
   chunked loss's valid tokens, take the path of an unpadded batch, the one estimated;
 - the compression swaps (RMSNorm, gated MLP) decide on a random copy's real output, as always;
-- the ``bitmask`` compressor stores as a mask what a dropout module saves (its mask), and
-  sends anything else to its fallback (a real run decides from the values);
+- the ``bitmask`` compressor stores as a mask what dropout drew (the output of ``bernoulli_``,
+  scaled in place), and sends anything else to its fallback (a real run decides from values);
 - transformers is told fake tensors are not tracing (else it builds masks a real run skips);
 - SlimFit's scores: a unit that trained scores 0 (its real score, the relative weight change,
   is tiny next to the huge score of units not trained yet), so the scheduler draws the same
@@ -68,13 +68,13 @@ FORMULA_ARMS = ("slimfit_8bit_frozen",)
 @contextmanager
 def shape_only() -> Iterator[None]:
     """Run real training code on fake tensors (see the module docstring for what is supplied)."""
-    from fnmatch import fnmatchcase
-
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
     from transformers.utils import import_utils
 
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     from .compression import gated_mlp, rmsnorm
-    from .compression.policy import DROPOUT_TYPES
     from .strategies.compression.bitmask import Bitmask
 
     originals = {
@@ -144,12 +144,26 @@ def shape_only() -> Iterator[None]:
             columns.append((index // stride) % size)
         return torch.stack(columns, 1) if columns else index.reshape(-1, 0)
 
+    masks: dict[int, Any] = {}  # storage id -> weak reference: the tensors dropout drew (bernoulli_)
+
+    class DropoutMasks(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.bernoulli_, torch.ops.aten.bernoulli) and isinstance(out, torch.Tensor):
+                storage = out.untyped_storage()
+                masks[storage._cdata] = StorageWeakRef(storage)
+            return out
+
+    def is_mask(tensor) -> bool:
+        ref = masks.get(tensor.untyped_storage()._cdata)
+        return ref is not None and not ref.expired()
+
     def bitmask_pack(compressor, tensor, ctx=None):
-        # Whether a tensor is a 0/c mask is in its values; on fake tensors: those saved inside a
-        # dropout module are (its mask is what it saves), any other goes to the fallback.
+        # Whether a tensor is a 0/c mask is in its values; on fake tensors: what dropout drew
+        # (bernoulli_, then scaled in place) is, anything else goes to the fallback.
         if not isinstance(tensor, FakeTensor) or compressor.sign:
             return originals[(Bitmask, "pack")](compressor, tensor, ctx)
-        if ctx is not None and fnmatchcase(ctx.module_type, DROPOUT_TYPES):
+        if is_mask(tensor):
             flat = tensor.detach().reshape(-1)
             return compressor._pack_bits(flat != 0, flat[0], tensor)  # noqa: SLF001
         return compressor._fallback.pack(tensor, ctx) if compressor._fallback is not None else tensor  # noqa: SLF001
@@ -173,7 +187,7 @@ def shape_only() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
             warnings.filterwarnings("ignore", category=UserWarning, module="slimfit_accel")
-            with FakeTensorMode(allow_non_fake_inputs=True):
+            with FakeTensorMode(allow_non_fake_inputs=True), DropoutMasks():
                 yield
     finally:
         for (owner, name), value in originals.items():
@@ -346,7 +360,7 @@ def slimfit_arm(setup: Setup, config: dict[str, Any], note: str = "") -> Arm:
     model = slimfit.prepare_model(setup.build_model())
     optimizer = _adamw(model.parameters())
     if slimfit.master_weights is not None:
-        _prime_with_masters(optimizer, slimfit.master_weights)
+        prime_with_masters(optimizer, slimfit.master_weights)
     else:
         prime_optimizer_state(optimizer)
     slimfit.attach(None, model, optimizer)
@@ -357,7 +371,7 @@ def slimfit_arm(setup: Setup, config: dict[str, Any], note: str = "") -> Arm:
                slimfit=slimfit, autocast=setup.bf16, chunked=chunked, slimfit_config=config, note=note)
 
 
-def _prime_with_masters(optimizer: torch.optim.Optimizer, masters: Any) -> None:
+def prime_with_masters(optimizer: torch.optim.Optimizer, masters: Any) -> None:
     """Primed state against the fp32 masters (as ``master_weights: host`` creates it): fp32."""
     for group in optimizer.param_groups:
         for param in group["params"]:
