@@ -529,7 +529,8 @@ def worst_case_step(slimfit: Any, optimizer: torch.optim.Optimizer, cuda: bool =
     """(gradient bytes, device-resident state bytes) one step may hold at most under paging,
     whatever units were drawn: gradients of everything not schedulable plus the step's budget
     (ILS ``budget: parameters``) or the largest units as many as it picks; the state of the
-    largest chunk paging streams (two on CUDA, which prefetches). As ``benchmarks/memory.py``."""
+    largest chunk paging streams (of parameters a step can train: units the scheduler never
+    picks are never streamed) (two on CUDA, which prefetches); ``benchmarks/memory.py`` uses it."""
     scheduled = {id(p) for u in slimfit.units.schedulable for p in u.params}
     grads = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"] if id(p) not in scheduled)
     strategy = slimfit.controller.scheduler.strategy
@@ -541,15 +542,21 @@ def worst_case_step(slimfit: Any, optimizer: torch.optim.Optimizer, cuda: bool =
         largest = sorted(slimfit.units.schedulable, key=lambda u: u.numel, reverse=True)[:picked]
         grads += sum(p.numel() * p.element_size() for u in largest for p in u.params)
     paging = slimfit.controller.backend.paging
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    # what a step can ever stream: every parameter but those of units the scheduler never picks
+    from .never_trained import never_trained
+
+    never = set(never_trained(slimfit.scheduler, slimfit.units.schedulable))
+    idle = {id(p) for u in slimfit.units.schedulable if u.name in never for p in u.params}
+    params = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in idle]
     if paging.masters is None:
         largest_param = max(p.numel() * p.element_size() for p in params)
         chunk = min(max(paging.chunk_bytes, largest_param), grads)  # a chunk holds no more than the step trains
         chunk_state = 2 * chunk + 64  # two moments (+ step counts)
-    else:  # chunks count fp32 masters; each brings its masters, two fp32 moments and fp32 gradients
+    else:  # chunks count fp32 masters; the one stepped holds its masters, two fp32 moments and fp32
+        # gradients, the one prefetched on CUDA its masters and moments
         largest_master = max(p.numel() * 4 for p in params)
         chunk = min(max(paging.chunk_bytes, largest_master), grads * 4 // size)
-        chunk_state = 4 * chunk + 64
+        return grads, 4 * chunk + 64 + (3 * chunk + 64 if cuda else 0)
     return grads, chunk_state * (2 if cuda else 1)
 
 
