@@ -20,7 +20,6 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .chunked_loss import DEFAULT_CHUNK_SIZE
 from .compression.policy import CompressionPolicy
 from .errors import ConfigError
 from .spec import StrategySpec
@@ -99,7 +98,7 @@ class ChunkedLossConfig(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, gt=0)
+    chunk_size: int = Field(default=1024, gt=0)  # chunked_loss.DEFAULT_CHUNK_SIZE (not imported: it reads transformers)
     backend: Literal["auto", "torch", "liger"] = "auto"
 
 

@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from .checkpointing import BlockCheckpointing
-from .chunked_loss import disable_chunked_loss, enable_chunked_loss
 from .compression import CompressionEngine, CompressionPolicy, slimfit_policy, slimfit_reference_policy
 from .config import SlimFitConfig, load_config
 from .controller import FreezeController
@@ -98,6 +97,8 @@ class SlimFit:
         With ``chunked_loss`` set, a causal LM's loss is computed without its logits from now on.
         """
         if self.config.chunked_loss is not None:
+            from .chunked_loss import enable_chunked_loss  # reads transformers' loss: imported only when used
+
             enable_chunked_loss(model, self.config.chunked_loss.chunk_size, self.config.chunked_loss.backend)
         self.units = discover_units(model, self.config.units)
         self.model = model
@@ -225,6 +226,8 @@ class SlimFit:
         """Stop: every unit trainable again (parameters the user froze stay frozen: they are not
         units), optimizer and compression hooks removed, the model's own loss back."""
         if self.config.chunked_loss is not None and self.model is not None:
+            from .chunked_loss import disable_chunked_loss
+
             disable_chunked_loss(self.model)
         if self.checkpointing is not None:
             self.checkpointing.detach()

@@ -303,3 +303,10 @@ def test_slimfit_config_key_applies_it_and_detach_restores_the_model(bert):
     assert SlimFit.from_config({"chunked_loss": False}).config.chunked_loss is None
     with pytest.raises(ConfigError, match="not a causal LM"):
         SlimFit.from_config({"chunked_loss": True}).prepare_model(bert)
+
+
+def test_the_config_default_chunk_size_is_the_functions():
+    from slimfit_accel.chunked_loss import DEFAULT_CHUNK_SIZE
+    from slimfit_accel.config import ChunkedLossConfig
+
+    assert ChunkedLossConfig().chunk_size == DEFAULT_CHUNK_SIZE

