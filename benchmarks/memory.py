@@ -188,9 +188,10 @@ def arm_lora(args, device):
     from peft import LoraConfig, get_peft_model
 
     task = "CAUSAL_LM" if args.model == "llama" else "SEQ_CLS"
-    model = get_peft_model(
-        build_model(args, device), LoraConfig(r=8, lora_alpha=16, target_modules=attention_projections(args), task_type=task)
-    )
+    base = build_model(args, device)
+    if args.precision == "bf16":  # the frozen base in bf16 (PEFT keeps the adapters fp32)
+        base = base.to(torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=attention_projections(args), task_type=task))
     optimizer = adamw(model.parameters())
     return model, optimizer, MemoryMeter(model, optimizer), None, None, False
 
@@ -257,7 +258,8 @@ def worst_case_step(slimfit: SlimFit, optimizer: torch.optim.Optimizer, device: 
 
 def _slimfit_arm(args, device, config):
     model = build_model(args, device)
-    slimfit = SlimFit.from_config(config)
+    # every step measured: the arms' figures are exact peaks (memory_meter samples by default)
+    slimfit = SlimFit.from_config(config, memory_meter="always")
     model = slimfit.prepare_model(model)
     optimizer = adamw(model.parameters())
     if slimfit.master_weights is not None:  # fp32 state, as the update on the fp32 masters creates it

@@ -365,7 +365,7 @@ def slimfit_arm(setup: Setup, config: dict[str, Any], note: str = "") -> Arm:
     """A SlimFit arm from ``config``, as benchmarks/memory.py builds it (primed AdamW state)."""
     from .slimfit import SlimFit
 
-    slimfit = SlimFit.from_config(config)
+    slimfit = SlimFit.from_config(config, memory_meter="always")  # each step measured
     model = slimfit.prepare_model(setup.build_model())
     optimizer = _adamw(model.parameters())
     if slimfit.master_weights is not None:
@@ -726,7 +726,11 @@ def budget_ladder(setup: Setup) -> list[tuple[str, dict[str, Any]]]:
             config = copy.deepcopy(config)
             config["scheduler"] = {**(config.get("scheduler") or {"name": "ils"}), "freeze_ratio": ratio}
             rungs.append((f"+ freeze_ratio {ratio}", config))
-    return rungs
+    unique: list[tuple[str, dict[str, Any]]] = []
+    for rung, config in rungs:  # a setting the base already has adds no rung
+        if not unique or config != unique[-1][1]:
+            unique.append((rung, config))
+    return unique
 
 
 @dataclass
