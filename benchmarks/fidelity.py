@@ -189,7 +189,7 @@ def run(arm: dict[str, Any], data, seed: int, args: argparse.Namespace, model_pa
 
     slimfit = None
     if arm["slimfit"] is not None:
-        config = _with(arm["slimfit"], seed=seed)
+        config = _with(arm["slimfit"], seed=seed, memory_meter="always")  # exact memory of every step
         slimfit = SlimFit.from_config(config)
         model = slimfit.prepare_model(model)
     lr = args.lr * arm.get("lr_scale", 1.0)

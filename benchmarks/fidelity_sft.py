@@ -189,6 +189,7 @@ def build(arm: dict[str, Any], model, lr: float, weight_decay: float, total_step
     if kind == "slimfit":
         config = json.loads(json.dumps(arm["slimfit"]))
         config["seed"] = seed
+        config["memory_meter"] = "always"  # exact memory of every step
         slimfit = SlimFit.from_config(config)
         model = slimfit.prepare_model(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)

@@ -127,7 +127,7 @@ def run(arm: dict[str, Any], checkpoint: Path, data, seed: int, args: argparse.N
     model.classifier.reset_parameters()  # a new head for the new task, initialised by the run seed
     slimfit = None
     if arm["slimfit"] is not None:
-        slimfit = SlimFit.from_config(_with(arm["slimfit"], seed=seed))
+        slimfit = SlimFit.from_config(_with(arm["slimfit"], seed=seed, memory_meter="always"))  # exact memory
         model = slimfit.prepare_model(model)
     steps_per_epoch = len(y_train) // args.batch_size
     total = steps_per_epoch * args.epochs

@@ -102,6 +102,20 @@ class ChunkedLossConfig(BaseModel):
     backend: Literal["auto", "torch", "liger"] = "auto"
 
 
+#: Optimizer steps between two steps the default memory meter measures (see ``MemoryMeterConfig``).
+DEFAULT_METER_EVERY = 10
+
+
+class MemoryMeterConfig(BaseModel):
+    """How often SlimFit's exact memory meter (``memory.py``) measures a step: every ``every``-th
+    optimizer step (all its micro-batches), starting with the first. Steps in between run none of
+    the meter's code: no hooks, no CUDA synchronisation.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    every: int = Field(default=1, ge=1)
+
+
 class SlimFitConfig(BaseModel):
     """The whole SlimFit config.
 
@@ -139,6 +153,12 @@ class SlimFitConfig(BaseModel):
 
     ``chunked_loss``: ``true`` or ``{chunk_size: N, backend: ...}`` computes a causal LM's
     training loss without materialising its logits (see ``ChunkedLossConfig``); off when absent.
+
+    ``memory_meter``: when ``slimfit.report()`` measures memory by category. ``{every: N}``
+    measures every N-th optimizer step (the default: every 10th, so the report has figures at a
+    tenth of the meter's cost), ``always`` every step (exact peaks over the run: benchmarks and
+    the recipe ask for it), ``off`` never (no meter hooks at all; the report says memory was not
+    measured). ``true``/``false`` and a bare number N are accepted too.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -155,6 +175,24 @@ class SlimFitConfig(BaseModel):
     checkpointing: CheckpointingConfig | None = None
     lr_scale: float = Field(default=1.0, gt=0.0, le=100.0)
     chunked_loss: ChunkedLossConfig | None = None
+    memory_meter: Literal["always", "off"] | MemoryMeterConfig = Field(
+        default_factory=lambda: MemoryMeterConfig(every=DEFAULT_METER_EVERY)
+    )
+
+    @field_validator("memory_meter", mode="before")
+    @classmethod
+    def _memory_meter_shorthand(cls, value: Any) -> Any:
+        if value is True:
+            return "always"
+        if value is False:
+            return "off"
+        return {"every": value} if isinstance(value, int) else value
+
+    @property
+    def meter_every(self) -> int:
+        """Optimizer steps between measured ones: 1 always, N sampled, 0 off."""
+        setting = self.memory_meter
+        return {"always": 1, "off": 0}[setting] if isinstance(setting, str) else setting.every
 
     @field_validator("chunked_loss", mode="before")
     @classmethod

@@ -274,7 +274,7 @@ def check_inputs(args: argparse.Namespace, task: Task | None = None) -> Plan:
 
         arms = arm_slimfits(args.compare, config)
     else:
-        arms = {"run": None if args.no_slimfit else SlimFit.from_config(config)}
+        arms = {"run": None if args.no_slimfit else SlimFit.from_config(config, memory_meter="always")}
     resume = resolve_resume(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
     if resume is not None:
         changed = {k: (v, getattr(args, k)) for k, v in read_state(resume).get("args", {}).items() if getattr(args, k) != v}

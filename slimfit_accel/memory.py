@@ -30,6 +30,11 @@ so it means the same on CPU, CUDA or anything else:
   last step summed over all ranks.
 - ``peak_cuda``: on CUDA, also ``torch.cuda.max_memory_allocated`` (reset at each step start),
   which includes what the categories do not (temporaries, allocator rounding, workspaces).
+- Sampling (``every=N``): the owner measures only some steps (SlimFit: every N-th optimizer
+  step, ``memory_meter`` in the config). The meter's hooks (its counting engine, the gradient,
+  optimizer and counter hooks) are then installed when a measured step begins and removed when
+  it ends, so the steps in between run none of its code; the report's peaks are over the
+  measured steps and say so.
 
 Example::
 
@@ -191,6 +196,7 @@ class StepMemory:
     time_s: float = 0.0
     optimizer_paged: int = 0
     master_paged: int = 0
+    optimizer_step: int | None = None  # the training step it belongs to, when the owner says
 
     @property
     def compression_ratio(self) -> float:
@@ -248,7 +254,8 @@ _SUMMED = ("params", "grads", "optimizer", "activations", "activations_raw", "to
 class MemoryReport:
     """``last``: the last measured block (a forward/backward pass, with the optimizer step when
     it ran inside); ``peak``: each category's largest value over all blocks; ``steps``: how
-    many blocks were measured (micro-batches under gradient accumulation).
+    many blocks were measured (micro-batches under gradient accumulation); ``every``: 1 when
+    every step was measured, N when only every N-th optimizer step was (peaks over those).
 
     ``scope`` says whose figures they are (see ``RankScope``). ``all_ranks``, filled by
     ``gather_ranks``, is the last step summed over every rank (what the whole job holds).
@@ -261,6 +268,7 @@ class MemoryReport:
     by_compressor: dict[str, list[int]] = field(default_factory=dict)
     scope: RankScope = field(default_factory=RankScope)
     all_ranks: StepMemory | None = None
+    every: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -272,7 +280,8 @@ class MemoryReport:
 
         # One measured block per forward/backward pass: under gradient accumulation several make
         # one optimizer step (the freeze report counts those).
-        title = f"Memory by category ({self.steps} forward/backward passes), {self.scope.describe()}"
+        sampled = f", measured every {self.every} optimizer steps" if self.every > 1 else ""
+        title = f"Memory by category ({self.steps} forward/backward passes{sampled}), {self.scope.describe()}"
         table = Table(title=title, show_header=True, header_style="bold")
         table.add_column("category")
         table.add_column("last step", justify="right")
@@ -366,7 +375,9 @@ class MemoryMeter:
     ``slimfit.compression``); whoever owns it enters its ``step()``. Without one, the meter makes
     a counting engine (no compression, stock LayerNorm) and enters it in ``step()`` itself; pass
     ``count_activations=False`` to count no activations at all. ``masters``: the fp32 master
-    weights kept on host (``master_weights: host``), reported as ``master_paged``.
+    weights kept on host (``master_weights: host``), reported as ``master_paged``. ``every``:
+    the owner enters ``step()`` only every N-th training step; with N > 1 the meter's hooks
+    exist only inside ``step()`` (see "Sampling" in the module docstring).
     """
 
     def __init__(
@@ -377,12 +388,17 @@ class MemoryMeter:
         *,
         count_activations: bool = True,
         masters: Any = None,
+        every: int = 1,
     ):
+        if every < 1:
+            raise ValueError(f"MemoryMeter(every={every}): measure every N-th step with N >= 1")
         self.model = model
         self.optimizer = optimizer
         self.masters = masters
+        self.every = every
+        self._sampled = every > 1
         self._own_engine = engine is None and count_activations
-        self.engine = counting_engine(model).attach() if self._own_engine else engine
+        self.engine = counting_engine(model) if self._own_engine else engine
         self._counter = self.engine._counter if self.engine is not None else None  # noqa: SLF001 (engine's byte counter)
         self._grads = _GradTracker(self._update)
         self._opt_handles: list[Any] = []
@@ -395,19 +411,47 @@ class MemoryMeter:
         self._peak = StepMemory()
         self.last: StepMemory | None = None
         self._by_compressor: dict[str, list[int]] = {}
+        self._inner = innermost_torch_optimizer(optimizer) if optimizer is not None else None
+        self._hooked = False
+        if not self._sampled:
+            self._hook()
+
+    def _hook(self) -> None:
+        """Install the meter's hooks (its counting engine's too); idempotent."""
+        if self._hooked:
+            return
+        self._hooked = True
+        if self._own_engine:
+            self.engine.attach()
         if self._counter is not None:
             self._counter.listeners.append(self._update)
-        inner = innermost_torch_optimizer(optimizer) if optimizer is not None else None
+        inner = self._inner
         if inner is not None:
             self._opt_handles = [
                 inner.register_step_pre_hook(lambda *_: self._optimizer_step_start(inner)),
                 inner.register_step_post_hook(lambda *_: self._optimizer_step_end()),
             ]
 
+    def _unhook(self) -> None:
+        """Remove every hook ``_hook`` and ``step`` installed; gradients counted stay counted
+        until freed."""
+        self._grads.close()
+        for handle in self._opt_handles:
+            handle.remove()
+        self._opt_handles = []
+        if self._counter is not None and self._update in self._counter.listeners:
+            self._counter.listeners.remove(self._update)
+        if self._own_engine and self.engine is not None:
+            self.engine.detach()
+        self._hooked = False
+
     # ---------------------------------------------------------------- the step
     @contextmanager
-    def step(self) -> Iterator[StepMemory]:
-        """Measure the block (forward, backward, optimizer step) as one step."""
+    def step(self, optimizer_step: int | None = None) -> Iterator[StepMemory]:
+        """Measure the block (forward, backward, optimizer step) as one step; ``optimizer_step``
+        labels it with the training step it belongs to."""
+        if self._sampled:
+            self._hook()
         device = self._device()
         cuda = device is not None and device.type == "cuda"
         if cuda:
@@ -420,7 +464,8 @@ class MemoryMeter:
         self._grads.watch(self.model.parameters())
         masters = self.masters.host_bytes() if self.masters is not None else 0
         current = self._current = StepMemory(
-            step=self._steps, params=self._params, optimizer=self._optimizer, optimizer_paged=paged, master_paged=masters
+            step=self._steps, params=self._params, optimizer=self._optimizer, optimizer_paged=paged, master_paged=masters,
+            optimizer_step=optimizer_step,
         )
         self._update()
         start = time.perf_counter()
@@ -440,6 +485,8 @@ class MemoryMeter:
                     self._by_compressor = {k: list(v) for k, v in self.engine.stats.by_compressor.items()}
                 self._current = None
                 self._finish(current)
+                if self._sampled:
+                    self._unhook()
 
     def summary(self) -> MemoryReport:
         """Last step and per-category peak over all steps measured so far, on this rank."""
@@ -447,19 +494,12 @@ class MemoryMeter:
         mean = self._time_sum / self._steps if self._steps else 0.0
         return MemoryReport(
             steps=self._steps, last=last, peak=self._peak, mean_step_time_s=mean,
-            by_compressor=self._by_compressor, scope=rank_scope(self.optimizer),
+            by_compressor=self._by_compressor, scope=rank_scope(self.optimizer), every=self.every,
         )
 
     def close(self) -> None:
         """Remove every hook (and the meter's own engine)."""
-        self._grads.close()
-        for handle in self._opt_handles:
-            handle.remove()
-        self._opt_handles = []
-        if self._counter is not None and self._update in self._counter.listeners:
-            self._counter.listeners.remove(self._update)
-        if self._own_engine and self.engine is not None:
-            self.engine.detach()
+        self._unhook()
 
     # ---------------------------------------------------------------- internals
     def _update(self) -> None:

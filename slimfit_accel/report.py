@@ -36,6 +36,7 @@ class SlimFitReport:
     memory: MemoryReport | None = None
     never_trainable: dict[str, str] = field(default_factory=dict)
     never_trainable_params: int = 0
+    memory_note: str = ""  # why ``memory`` is None (the meter was off), said in ``render``
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,11 +69,14 @@ class SlimFitReport:
         text = out.getvalue() + "".join(
             f"never trained (the scheduler cannot pick it): {name}: {why}\n" for name, why in self.never_trainable.items()
         )
-        return text + self.memory.render(width) if self.memory is not None else text
+        if self.memory is None:
+            return text + (f"{self.memory_note}\n" if self.memory_note else "")
+        return text + self.memory.render(width)
 
 
 def build_report(
-    controller: FreezeController, memory: MemoryReport | None = None, never_trainable: dict[str, str] | None = None
+    controller: FreezeController, memory: MemoryReport | None = None, never_trainable: dict[str, str] | None = None,
+    memory_note: str = "",
 ) -> SlimFitReport:
     stats = controller.stats
     never_trainable = dict(never_trainable or {})
@@ -91,4 +95,5 @@ def build_report(
         memory=memory,
         never_trainable=never_trainable,
         never_trainable_params=sum(numel[name] for name in never_trainable),
+        memory_note=memory_note,
     )

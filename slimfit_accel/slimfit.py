@@ -71,14 +71,21 @@ class SlimFit:
 
     @classmethod
     def from_config(
-        cls, source: str | Path | Mapping[str, Any] | SlimFitConfig, *, plugins: Iterable[Any] = ()
+        cls, source: str | Path | Mapping[str, Any] | SlimFitConfig, *, plugins: Iterable[Any] = (),
+        memory_meter: str | None = None,
     ) -> "SlimFit":
         """Build from a YAML path, a dict or a ``SlimFitConfig``.
 
         ``plugins``: extra plugin modules/objects to register besides the installed ones.
+        ``memory_meter``: replaces the config's setting (``"always"``: what a benchmark or the
+        recipe needs to report exact memory of every step).
         """
         origin = str(source) if isinstance(source, (str, Path)) else "config"
-        return cls(load_config(source), StrategyRegistry.load(plugins), origin=origin)
+        config = load_config(source)
+        if memory_meter is not None:
+            setting = load_config({"memory_meter": memory_meter}).memory_meter  # validated alone
+            config = config.model_copy(update={"memory_meter": setting})
+        return cls(config, StrategyRegistry.load(plugins), origin=origin)
 
     @staticmethod
     def kwargs_handlers() -> list:
@@ -177,14 +184,18 @@ class SlimFit:
         if self.policy is not None:
             factories = {name: reg.factory for name, reg in self.registry.strategies["compressor"].items()}
             self.compression = CompressionEngine(self.model, self.policy, compressors=factories).attach()
-        # Without compression the meter counts what autograd saves with an engine of its own.
-        self.memory = MemoryMeter(self.model, optimizer, engine=self.compression, masters=self.master_weights)
-        paging = getattr(backend, "paging", None)
-        if paging is not None:
-            paging.listeners.append(self.memory.optimizer_resident_changed)
+        # Without compression the meter counts what autograd saves with an engine of its own;
+        # sampled (memory_meter: {every: N}) its hooks exist only in the steps it measures.
+        every = self.config.meter_every
+        if every:
+            self.memory = MemoryMeter(self.model, optimizer, engine=self.compression, masters=self.master_weights, every=every)
+            paging = getattr(backend, "paging", None)
+            if paging is not None:
+                paging.listeners.append(self.memory.optimizer_resident_changed)
         if self.config.checkpointing is not None:
             # recomputed tensors count as live activations of the meter's engine while alive
-            counter = self.memory.engine._counter if self.memory.engine is not None else None  # noqa: SLF001
+            meter_engine = self.memory.engine if self.memory is not None else None
+            counter = meter_engine._counter if meter_engine is not None else None  # noqa: SLF001
             self.checkpointing = BlockCheckpointing(self.model, self.config.checkpointing.blocks, counter).attach()
         if accelerator is not None:
             accelerator.register_for_checkpointing(self.controller)
@@ -202,14 +213,17 @@ class SlimFit:
             with ExitStack() as stack:
                 if self.compression is not None:
                     stack.enter_context(self.compression.step())
-                stack.enter_context(self.memory.step())
+                if self.memory is not None and self.controller.step % self.memory.every == 0:
+                    stack.enter_context(self.memory.step(optimizer_step=self.controller.step))
                 yield
         finally:
             self.controller.end_step()
 
     def report(self, gather: bool = False) -> SlimFitReport:
         """What was frozen and trained, and memory by category (saved activations before and after
-        compression); ``.render()`` gives tables, ``.to_dict()`` the same as data.
+        compression); ``.render()`` gives tables, ``.to_dict()`` the same as data. Memory is
+        measured as ``memory_meter`` says (default: every 10th optimizer step); with ``off`` the
+        report's ``memory`` is None and ``memory_note`` says it was not measured.
 
         Memory figures are this rank's (under ZeRO: its partitions), and labelled so.
         ``gather=True`` adds the last step summed over all ranks; it is a collective, so then
@@ -220,7 +234,8 @@ class SlimFit:
         memory = self.memory.summary() if self.memory is not None else None
         if gather and memory is not None:
             memory = gather_ranks(memory)
-        return build_report(self.controller, memory, never_trained(self.scheduler, self.units.schedulable))
+        note = "" if memory is not None else "memory not measured (memory_meter: off in the SlimFit config)"
+        return build_report(self.controller, memory, never_trained(self.scheduler, self.units.schedulable), memory_note=note)
 
     def detach(self) -> None:
         """Stop: every unit trainable again (parameters the user froze stay frozen: they are not

@@ -20,7 +20,7 @@ from test_compression_architectures import batch, build  # noqa: E402
 def one_step(arch: str, checkpointing: dict | None, compression: str = "none", steps: int = 3):
     """Gradients of the last of ``steps`` SlimFit steps (90% frozen), the model and the report."""
     model = build(arch)
-    config = {"scheduler": {"name": "ils", "freeze_ratio": 0.9}, "compression": compression}
+    config = {"scheduler": {"name": "ils", "freeze_ratio": 0.9}, "compression": compression, "memory_meter": "always"}
     if checkpointing is not None:
         config["checkpointing"] = checkpointing
     slimfit = SlimFit.from_config(config)

@@ -20,7 +20,7 @@ from slimfit_accel.errors import ConfigError, IntegrationError
 from slimfit_accel.paging import is_paged
 
 CONFIG = {"scheduler": {"name": "ils", "freeze_ratio": 0.5}, "compression": "none", "optimizer_paging": True,
-          "master_weights": "host"}
+          "master_weights": "host", "memory_meter": "always"}
 
 
 def start(config=CONFIG, model=None, chunk_bytes=None):

@@ -22,7 +22,7 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 def train(paging: bool, optimizer: str = "adamw", steps: int = 10):
-    slimfit = SlimFit.from_config({"scheduler": {"name": "ils", "freeze_ratio": 0.8}, "optimizer_paging": paging})
+    slimfit = SlimFit.from_config({"scheduler": {"name": "ils", "freeze_ratio": 0.8}, "optimizer_paging": paging, "memory_meter": "always"})
     model = slimfit.prepare_model(tiny_bert(layers=3))
     if optimizer == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)

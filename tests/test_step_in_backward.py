@@ -120,7 +120,7 @@ def test_other_scorers_and_sgd_score_the_same(scorer):
 
 
 def test_gradients_are_released_as_backward_goes():
-    config = {**BASE, "scheduler": {"name": "ils", "freeze_ratio": 0.2}, "optimizer_paging": True}
+    config = {**BASE, "scheduler": {"name": "ils", "freeze_ratio": 0.2}, "optimizer_paging": True, "memory_meter": "always"}
     peaks = {}
     for mode in ("after_backward", "in_backward"):
         slimfit, model, opt = start({**config, "optimizer_step": mode}, layers=4)

@@ -44,6 +44,7 @@ CONFIG = {
     "compression": "slimfit",
     "optimizer_paging": True,
     "lr_scale": 2.0,
+    "memory_meter": "always",  # each step's memory is recorded
 }
 WRAP = {"auto_wrap_policy": "transformer_based_wrap", "transformer_cls_names_to_wrap": ["BertLayer"]}
 

@@ -33,7 +33,7 @@ from mixed_precision_reference import (  # noqa: E402
 from slimfit_accel import SlimFit, make_accelerator  # noqa: E402
 
 STEPS, ACCUM = 10, 2
-CONFIG = {"scheduler": {"name": "ils", "freeze_ratio": 0.5}, "compression": "none", "optimizer_paging": True,
+CONFIG = {"scheduler": {"name": "ils", "freeze_ratio": 0.5}, "compression": "none", "optimizer_paging": True, "memory_meter": "always",
           "master_weights": "host"}
 
 

@@ -41,7 +41,7 @@ def run_steps(accelerator, model, optimizer, slimfit, micro_batches: int, on_ste
 
 def train(paging: bool, steps: int = 10, accum: int = 2, checkpointing: bool = False):
     accelerator = make_accelerator(gradient_accumulation_steps=accum)
-    config = {"scheduler": {"name": "ils", "freeze_ratio": 0.8}, "optimizer_paging": paging, "compression": "none"}
+    config = {"scheduler": {"name": "ils", "freeze_ratio": 0.8}, "optimizer_paging": paging, "compression": "none", "memory_meter": "always"}
     if checkpointing:
         config["checkpointing"] = {"blocks": "all"}
     slimfit = SlimFit.from_config(config)
@@ -70,7 +70,7 @@ def train_zero2(paging: bool, steps: int = 10, accum: int = 2):
     AcceleratorState._reset_state()
     GradientState._reset_state()
 
-    config = {"scheduler": {"name": "ils", "freeze_ratio": 0.8}, "optimizer_paging": paging, "compression": "none"}
+    config = {"scheduler": {"name": "ils", "freeze_ratio": 0.8}, "optimizer_paging": paging, "compression": "none", "memory_meter": "always"}
     slimfit = SlimFit.from_config(config)
     model = slimfit.prepare_model(tiny_bert(layers=3))
     ds_config = {

@@ -43,7 +43,7 @@ from conftest import tiny_bert  # noqa: E402
 from slimfit_accel import SlimFit, hookimpl  # noqa: E402
 
 STEPS, OVERFLOW_AT, MICRO, POOL = 20, 7, 8, 4
-CONFIG = {"seed": 1, "scheduler": {"name": "ils", "freeze_ratio": 0.5}, "compression": "slimfit"}
+CONFIG = {"seed": 1, "scheduler": {"name": "ils", "freeze_ratio": 0.5}, "compression": "slimfit", "memory_meter": "always"}
 LR = 3e-3
 
 
