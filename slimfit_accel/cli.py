@@ -112,6 +112,10 @@ def _estimate(args: argparse.Namespace) -> int:
             import yaml
 
             print(yaml.safe_dump(choice.config, sort_keys=False), end="")
+            never = planner.never_trained_units(setup, choice.config)
+            if never:
+                print(f"note: {len(never)} units never train with it (larger than a step's budget), they keep their "
+                      f"loaded weights: {', '.join(never[:4])}{' ...' if len(never) > 4 else ''}")
         if args.write_config:
             planner.write_config(choice.config, Path(args.write_config),
                                  header=f"# slimfit-accel estimate: fits {args.budget} at batch {args.batch} x {args.seq_len}, {args.precision} ({choice.rung})")

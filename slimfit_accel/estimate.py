@@ -774,3 +774,15 @@ def write_config(config: Mapping[str, Any], path: Path, header: str = "") -> Non
     load_config(dict(config))
     text = (header + "\n" if header else "") + yaml.safe_dump(dict(config), sort_keys=False)
     Path(path).write_text(text)
+
+
+def never_trained_units(setup: Setup, config: Mapping[str, Any]) -> list[str]:
+    """Units ``config``'s scheduler can never pick on this model (larger than its step budget):
+    they keep their loaded weights, which a user choosing a config by memory should know."""
+    from .never_trained import never_trained
+    from .slimfit import SlimFit
+
+    with shape_only():
+        slimfit = SlimFit.from_config(dict(config))
+        slimfit.prepare_model(setup.build_model())
+        return list(never_trained(slimfit.scheduler, slimfit.units.schedulable))
