@@ -15,6 +15,14 @@ device during the step:
   largest gradients are stepped last, when fewest gradients are still alive. On CUDA the next
   chunk's state is copied in on a side stream while the current one is updated.
 
+A parameter larger than ``chunk_bytes`` is stepped last, a slice of at most ``chunk_bytes`` of
+rows at a time (``row_units.step_whole_by_rows``): the slice's rows of the weight (or of its fp32
+master), of its gradient and of its state are stepped as a parameter of their own and the new
+state written back into the host copies; the step count is taken once for every slice and kept
+after the last. Exact for element-wise optimizers (SGD, Adam, AdamW: ``row_units.ELEMENT_WISE``);
+others step such a parameter whole. Slices are copied synchronously and never prefetched, so a
+CUDA prefetch is always of a chunk of at most ``chunk_bytes``.
+
 So during a step the device holds the gradients not yet stepped plus one chunk's state (two on
 CUDA, with the prefetch), instead of the state of everything trained. Copies are exact and each
 parameter's update is the optimizer's own arithmetic on that parameter, so training is
@@ -109,6 +117,7 @@ class OptimizerPaging:
         self.paged_out = 0  # tensors copied out so far (for tests and reports)
         self.paged_in = 0
         self.chunks_stepped = 0
+        self.slices_stepped = 0  # row slices of parameters larger than a chunk
         self._handles: list = []
 
     # ---------------------------------------------------------------- the calls
@@ -174,6 +183,9 @@ class OptimizerPaging:
             stepped = [p for p in stepped if p not in self.rows]
             self.rows.step(self.optimizer, split, update, args, kwargs, self.chunk_bytes, self.masters,
                            self._announce, self._host_zeros)
+        sliced = self._sliced(stepped)  # larger than a chunk: stepped last, a slice of rows at a time
+        whole = {id(p) for p in stepped} - {id(p) for p in sliced}
+        stepped = [p for p in stepped if id(p) in whole]
         chunks = self._chunks(stepped)
         groups = self.optimizer.param_groups
         group_params = [group["params"] for group in groups]
@@ -207,6 +219,7 @@ class OptimizerPaging:
             for group, params in zip(groups, group_params):
                 group["params"] = params
             self._host_copies_done()
+        self._step_sliced(sliced, update, args, kwargs)
 
     def resident_all(self) -> None:
         """Bring every paged tensor back (when detaching: the optimizer is plain again)."""
@@ -219,7 +232,9 @@ class OptimizerPaging:
         """Start paging in the state (and masters) of ``params`` on the side stream, so that
         ``step_params`` finds them resident; only on CUDA, a no-op elsewhere
         (``optimizer_step: in_backward`` prefetches the unit it expects next in backward)."""
-        params = [p for p in params if id(p) not in self._resident_masters]
+        params = list(params)
+        sliced = {id(p) for p in self._sliced(params)}  # stepped by slices, never brought in whole
+        params = [p for p in params if id(p) not in self._resident_masters and id(p) not in sliced]
         if params and self._side_stream(params[0].device) is not None:
             self._bring_in(params)
 
@@ -230,6 +245,15 @@ class OptimizerPaging:
         update = type(self.optimizer).step.__wrapped__  # the step without its hooks
         if self.masters is not None:
             self._check_masters(params)
+        sliced = self._sliced(params)
+        whole = {id(p) for p in params} - {id(p) for p in sliced}
+        params = [p for p in params if id(p) in whole]
+        if params:
+            self._step_whole(params, update)
+        self._step_sliced(sliced, update, (), {})
+
+    def _step_whole(self, params: list[torch.Tensor], update: Callable) -> None:
+        """``step_params`` for parameters stepped whole (one chunk)."""
         self._bring_in([p for p in params if id(p) not in self._resident_masters])
         if self._stream is not None:
             torch.cuda.current_stream().wait_stream(self._stream)  # this unit's copies (and any prefetch)
@@ -263,14 +287,48 @@ class OptimizerPaging:
         self._resident_masters = {}
         self.evict()
 
+    # ---------------------------------------------------------------- slices of large parameters
+    def steps_by_rows(self) -> bool:
+        """Whether parameters larger than ``chunk_bytes`` are stepped a slice of rows at a time
+        (element-wise optimizers, ``row_units.ELEMENT_WISE``); others step every parameter whole."""
+        from .row_units import ELEMENT_WISE
+
+        return type(self.optimizer) in ELEMENT_WISE
+
+    def _sliced(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Those of ``params`` stepped by slices of rows: larger than a chunk, element-wise
+        optimizer; smallest first."""
+        if not self.steps_by_rows():
+            return []
+        return sorted((p for p in params if p.dim() >= 1 and self._size(p) > self.chunk_bytes), key=self._size)
+
+    def _step_sliced(self, params: list[torch.Tensor], update: Callable, args: tuple, kwargs: dict) -> None:
+        """Step each of ``params`` a slice of at most ``chunk_bytes`` of rows at a time
+        (``row_units.step_whole_by_rows``): one slice's state, master rows and fp32 gradient on the
+        device at a time, copied synchronously, so nothing of the next slice is in flight."""
+        from .row_units import step_whole_by_rows
+
+        for param in params:
+            moved = self._page_out(param)  # state left resident (loaded since the last step): to host first
+            if moved:
+                self._announce(-moved)
+                self._host_copies_done()  # the slices read the host copies
+            master = self.masters.of(param) if self.masters is not None else None
+            self.slices_stepped += step_whole_by_rows(self.optimizer, param, update, args, kwargs, self.chunk_bytes,
+                                                      master, self._announce, self._host_zeros)
+
     # ---------------------------------------------------------------- chunks
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
+    def _size(self, param: torch.Tensor) -> int:
+        """Bytes of ``param`` as chunks count them: of the parameter stepped (with masters, its fp32 master)."""
+        return param.numel() * 4 if self.masters is not None else _nbytes(param)
+
     def _chunks(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """Smallest first; consecutive parameters together while under ``chunk_bytes`` (of the
         parameters stepped: with masters, of the fp32 masters)."""
-        size_of = (lambda p: p.numel() * 4) if self.masters is not None else _nbytes
+        size_of = self._size
         chunks: list[list[torch.Tensor]] = []
         size = 0
         for param in sorted(params, key=size_of):

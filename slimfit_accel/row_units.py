@@ -44,7 +44,7 @@ from .hookspecs import UnitView
 from .units import Unit
 
 if TYPE_CHECKING:
-    from .master_weights import MasterWeights
+    from .master_weights import Master, MasterWeights
 
 #: Optimizers whose update is element-wise: a slice of rows stepped alone is the dense update on them.
 ELEMENT_WISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
@@ -135,8 +135,7 @@ class RowLayout:
                 group = groups[group_of[id(param)]]
                 state = self._layout_state(optimizer, param, host_tensor)
                 master = masters.of(param) if masters is not None else None
-                row_bytes = math.prod(param.shape[1:]) * (4 if master is not None else param.element_size())
-                per_slice = max(1, chunk_bytes // max(row_bytes, 1))
+                per_slice = rows_per_slice(param, chunk_bytes, master)
                 for index in self.trained.get(id(param), ()):
                     start, stop = state[RANGES][index]
                     # Every slice of the range starts from the range's scalars (its step count) as
@@ -184,58 +183,12 @@ class RowLayout:
     def _step_slice(self, optimizer, update, args, kwargs, group, param, state, index, rows, scalars, master, announce, host_tensor) -> None:
         """Step rows ``rows`` of range ``index`` as a parameter of their own (``scalars``: the
         range's per-range state before this step; None when the range has no state yet)."""
-        start, stop = rows
-        grad = param.grad[start:stop]
-        if master is not None:  # the fp32 master rows, stepped in the weight's place
-            target = master.host[start:stop].to(param.device, copy=True)
-            target.grad = grad.to(torch.float32)
-        else:
-            target = param.detach()[start:stop]  # a view: the update writes the weight's rows
-            target.grad = grad
-        scalar_device = param.device if group.get("fused") or group.get("capturable") else torch.device("cpu")
-        slice_state: dict[Any, Any] = {}
-        if scalars is not None:
-            for key, value in state.items():
-                if key in (RANGES, STEPPED):
-                    continue
-                if isinstance(value, torch.Tensor) and value.dim() == 2:
-                    slice_state[key] = value[start:stop].to(param.device, copy=True)
-                elif isinstance(value, torch.Tensor):
-                    slice_state[key] = scalars[key].to(scalar_device, copy=True)
-                else:
-                    slice_state[key] = value
-        resident = _tensor_bytes(slice_state) + (_tensor_bytes([target, target.grad]) if master is not None else 0)
-        announce(resident)
-        optimizer.state[target] = slice_state
-        group["params"] = [target]
-        try:
-            update(optimizer, *args, **kwargs)
-            stepped = optimizer.state[target]
-        finally:
-            optimizer.state.pop(target, None)
-            target.grad = None
-        created = _tensor_bytes(stepped) - _tensor_bytes(slice_state)
-        announce(created)
+        stepped = step_rows(optimizer, update, args, kwargs, group, param, state, rows, scalars, master, announce,
+                            host_tensor)
         for key, value in stepped.items():
-            if isinstance(value, torch.Tensor) and value.dim() == 2:
-                if key not in state:
-                    state[key] = host_tensor(tuple(param.shape), value.dtype, param.device)
-                state[key][start:stop].copy_(value)
-            elif isinstance(value, torch.Tensor) and value.dim() == 0:
-                if key not in state:
-                    state[key] = host_tensor((len(state[RANGES]),), value.dtype, torch.device("cpu"))
-                state[key][index] = value.to(state[key].device)
-            elif value is None or not isinstance(value, torch.Tensor):
-                state[key] = value
-            else:
-                raise IntegrationError(
-                    f"{type(optimizer).__name__} made state {key!r} of shape {tuple(value.shape)} for rows "
-                    f"{start}:{stop}: not element-wise, so units.row_chunks cannot step it by rows."
-                )
-        if master is not None:
-            param.detach()[start:stop].copy_(target)  # rounded into the weight's own bf16 rows
-            master.host[start:stop].copy_(target)
-        announce(-(resident + created))
+            if key not in state:
+                state[key] = host_tensor((len(state[RANGES]),), value.dtype, torch.device("cpu"))
+            state[key][index] = value.to(state[key].device)
 
     def to_dense_state(self, optimizer: torch.optim.Optimizer) -> None:
         """The state of each row-unit parameter as a plain optimizer keeps it (when detaching):
@@ -254,6 +207,144 @@ class RowLayout:
                 if isinstance(value, torch.Tensor) and value.dim() == 1:
                     state[name] = value.max().to(scalar_device[id(param)], copy=True)
             del state[RANGES], state[STEPPED]
+
+
+def rows_per_slice(param: torch.Tensor, chunk_bytes: int, master: "Master | None") -> int:
+    """How many rows of ``param`` one slice holds: at most ``chunk_bytes`` of them (of the fp32
+    master rows with ``master``), and at least one row."""
+    row_bytes = math.prod(param.shape[1:]) * (4 if master is not None else param.element_size())
+    return max(1, chunk_bytes // max(row_bytes, 1))
+
+
+def step_rows(
+    optimizer: torch.optim.Optimizer,
+    update: Callable,
+    args: tuple,
+    kwargs: dict,
+    group: dict,
+    param: torch.Tensor,
+    state: dict,
+    rows: tuple[int, int],
+    scalars: dict | None,
+    master: "Master | None",
+    announce: Callable[[int], None],
+    host_tensor: Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor],
+) -> dict:
+    """Run ``update`` on rows ``rows`` of ``param`` as if they were a parameter of their own: the
+    rows of the weight (a view; with ``master`` its fp32 master rows, rounded back into the weight
+    after), of its gradient and of its full-shaped state (``state``, in host memory) are copied in,
+    stepped and the new state rows written back into ``state`` (made in host memory by
+    ``host_tensor`` when missing). ``scalars``: the 0-dim state (``step``...) the rows start from,
+    the same for every slice of one step; None when they have no state yet. Returns the stepped
+    0-dim state, for the caller to keep once every slice is stepped (a slice that wrote back its
+    bumped step count would give the next slice the wrong one). Exact for ``ELEMENT_WISE``
+    optimizers. ``group`` must be ``param``'s group, the others emptied by the caller."""
+    start, stop = rows
+    grad = param.grad[start:stop]
+    if master is not None:  # the fp32 master rows, stepped in the weight's place
+        target = master.host[start:stop].to(param.device, copy=True)
+        target.grad = grad.to(torch.float32)
+    else:
+        target = param.detach()[start:stop]  # a view: the update writes the weight's rows
+        target.grad = grad
+    scalar_device = param.device if group.get("fused") or group.get("capturable") else torch.device("cpu")
+    slice_state: dict[Any, Any] = {}
+    if scalars is not None:
+        for key, value in state.items():
+            if key in (RANGES, STEPPED):
+                continue
+            if key in scalars:
+                slice_state[key] = scalars[key].to(scalar_device, copy=True)
+            elif isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(param.shape):
+                slice_state[key] = value[start:stop].to(param.device, copy=True)
+            elif isinstance(value, torch.Tensor):
+                raise IntegrationError(
+                    f"{type(optimizer).__name__} state {key!r} of a {tuple(param.shape)} parameter has shape "
+                    f"{tuple(value.shape)}: it is not element-wise, so it cannot be stepped by rows."
+                )
+            else:
+                slice_state[key] = value
+    state_bytes = _tensor_bytes(slice_state)  # the update fills this very dict: counted before it runs
+    resident = state_bytes + (_tensor_bytes([target, target.grad]) if master is not None else 0)
+    announce(resident)
+    optimizer.state[target] = slice_state
+    group["params"] = [target]
+    try:
+        update(optimizer, *args, **kwargs)
+        stepped = optimizer.state[target]
+    finally:
+        optimizer.state.pop(target, None)
+        target.grad = None
+    created = _tensor_bytes(stepped) - state_bytes
+    announce(created)
+    new_scalars: dict[Any, torch.Tensor] = {}
+    for key, value in stepped.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) == tuple(target.shape):
+            if key not in state:
+                state[key] = host_tensor(tuple(param.shape), value.dtype, param.device)
+            state[key][start:stop].copy_(value)
+        elif isinstance(value, torch.Tensor) and value.dim() == 0:
+            new_scalars[key] = value
+        elif value is None or not isinstance(value, torch.Tensor):
+            state[key] = value
+        else:
+            raise IntegrationError(
+                f"{type(optimizer).__name__} made state {key!r} of shape {tuple(value.shape)} for rows "
+                f"{start}:{stop}: not element-wise, so it cannot be stepped by rows."
+            )
+    if master is not None:
+        param.detach()[start:stop].copy_(target)  # rounded into the weight's own bf16 rows
+        master.host[start:stop].copy_(target)
+    announce(-(resident + created))
+    return new_scalars
+
+
+def step_whole_by_rows(
+    optimizer: torch.optim.Optimizer,
+    param: torch.Tensor,
+    update: Callable,
+    args: tuple,
+    kwargs: dict,
+    chunk_bytes: int,
+    master: "Master | None",
+    announce: Callable[[int], None],
+    host_tensor: Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor],
+) -> int:
+    """Step all of ``param`` (its state in host memory) a slice of at most ``chunk_bytes`` of rows
+    at a time, so the device holds one slice's state (and master rows, and fp32 gradient) and
+    never the whole tensor's; bit-identical to stepping it whole for ``ELEMENT_WISE`` optimizers.
+    Its 0-dim state (the step count) is taken once, given to every slice and kept after the last.
+    Releases its gradient; returns the number of slices stepped."""
+    groups = optimizer.param_groups
+    saved = [group["params"] for group in groups]
+    group = next(g for g in groups if any(p is param for p in g["params"]))
+    state = optimizer.state[param]  # a defaultdict: {} when the parameter has no state yet
+    scalars = {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() == 0} if state else None
+    per_slice = rows_per_slice(param, chunk_bytes, master)
+    new_scalars: dict = {}
+    slices = 0
+    try:
+        for first in range(0, param.shape[0], per_slice):
+            for other in groups:
+                other["params"] = []
+            new_scalars = step_rows(optimizer, update, args, kwargs, group, param, state,
+                                    (first, min(first + per_slice, param.shape[0])), scalars, master, announce,
+                                    host_tensor)
+            slices += 1
+    finally:
+        for other, group_params in zip(groups, saved):
+            other["params"] = group_params
+    for key, value in new_scalars.items():  # every slice stepped: the new step count, once
+        old = state.get(key)
+        if isinstance(old, torch.Tensor) and old.shape == value.shape and old.dtype == value.dtype:
+            old.copy_(value)  # where the step count is kept
+        elif value.device == param.device:  # on the device (fused, or a CPU model): in host memory as paged
+            state[key] = host_tensor(tuple(value.shape), value.dtype, param.device)
+            state[key].copy_(value)
+        else:
+            state[key] = value  # on the CPU, as torch keeps it for a device model
+    param.grad = None
+    return slices
 
 
 def _range_scalars(state: dict, index: int) -> dict:

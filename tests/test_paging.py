@@ -14,6 +14,7 @@ import torch
 from conftest import WORKERS, random_batch, tiny_bert
 from slimfit_accel import SlimFit
 from slimfit_accel.errors import IntegrationError
+from slimfit_accel.master_weights import MasterWeights
 from slimfit_accel.paging import OptimizerPaging, is_paged, paged_bytes
 
 
@@ -82,7 +83,8 @@ def _set_grads(params, step: int) -> None:
 def test_streamed_step_is_bit_identical_one_chunk_at_a_time_smallest_first(make):
     plain, streamed = _three_params(), _three_params()
     opt0, opt1 = make(plain), make(streamed)
-    paging = OptimizerPaging(opt1, chunk_bytes=0).install()  # every parameter its own chunk
+    # 32 and 1024 bytes of parameters: a chunk each; the 8 KiB matrix: 8 slices of 8 rows
+    paging = OptimizerPaging(opt1, chunk_bytes=1024).install()
     moves: list[int] = []
     paging.listeners.append(moves.append)
     sizes = []
@@ -105,9 +107,9 @@ def test_streamed_step_is_bit_identical_one_chunk_at_a_time_smallest_first(make)
     for a, b in zip(plain, streamed):
         assert torch.equal(a, b)
         assert all(torch.equal(opt0.state[a][k], opt1.state[b][k].to(opt0.state[a][k].device)) for k in opt0.state[a])
-    # at most one parameter's state on the "device" at a time: the largest one's
-    largest = max(sum(t.numel() * t.element_size() for t in opt1.state[p].values() if t.dim()) for p in streamed)
-    assert max(sizes) <= largest + 8 and paging.chunks_stepped == 3 * 4 + 2
+    # at most one chunk's state on the "device" at a time (two moments of 1024 bytes + a step count)
+    assert 0 < min(sizes) and max(sizes) <= 2 * 1024 + 8
+    assert paging.chunks_stepped == 2 * 5 and paging.slices_stepped == 8 * 4  # the matrix had no gradient once
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (side-stream prefetch, pinned host copies)")
@@ -116,7 +118,7 @@ def test_streamed_step_on_cuda_prefetches_and_stays_bit_identical():
     streamed = [p.detach().cuda().requires_grad_() for p in _three_params()]
     opt0 = torch.optim.AdamW(plain, lr=0.1, weight_decay=0.1)
     opt1 = torch.optim.AdamW(streamed, lr=0.1, weight_decay=0.1)
-    paging = OptimizerPaging(opt1, chunk_bytes=0).install()
+    paging = OptimizerPaging(opt1, chunk_bytes=1024).install()  # two chunks (one prefetched) and a sliced matrix
     for step in range(5):
         for params, opt in ((plain, opt0), (streamed, opt1)):
             generator = torch.Generator().manual_seed(100 + step)
@@ -128,6 +130,59 @@ def test_streamed_step_on_cuda_prefetches_and_stays_bit_identical():
     state = opt1.state[streamed[0]]["exp_avg"]
     assert is_paged(state) and state.device.type == "cpu" and state.is_pinned()
     assert torch.equal(state.cuda(), opt0.state[plain[0]]["exp_avg"])
+    assert paging.chunks_stepped == 2 * 5 and paging.slices_stepped == 8 * 5
+
+
+def _two_layers(masters: bool):
+    torch.manual_seed(0)
+    # weights of 16 KiB (256 x 16) and 8 KiB (8 x 256): larger than the 2 KiB chunks below
+    model = torch.nn.Sequential(torch.nn.Linear(16, 256), torch.nn.Linear(256, 8))
+    return model, (MasterWeights.cast_model(model, pin=False) if masters else None)
+
+
+@pytest.mark.parametrize("masters", [False, True], ids=["fp32", "master_weights_host"])
+def test_a_parameter_larger_than_a_chunk_is_stepped_in_row_slices_bit_identical_to_whole(masters):
+    chunk_bytes = 2048
+    runs = []
+    for chunk in (2**30, chunk_bytes):  # every parameter whole in one chunk; then sliced
+        model, master_weights = _two_layers(masters)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        paging = OptimizerPaging(opt, chunk_bytes=chunk, masters=master_weights).install()
+        resident, peak = [0], [0]
+
+        def follow(delta: int, resident=resident, peak=peak) -> None:
+            resident[0] += delta
+            peak[0] = max(peak[0], resident[0])
+
+        paging.listeners.append(follow)
+        dtype = torch.bfloat16 if masters else torch.float32
+        for step in range(4):
+            x = torch.randn(32, 16, generator=torch.Generator().manual_seed(step)).to(dtype)
+            model(x).float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            assert resident[0] == 0
+        runs.append((model, opt, master_weights, paging, peak[0]))
+    (whole, opt0, m0, paging0, peak0), (sliced, opt1, m1, paging1, peak1) = runs
+    assert paging0.slices_stepped == 0 and paging1.slices_stepped == 4 * (8 + 4)  # 32 rows, then 2 rows, a slice
+    for a, b in zip(whole.parameters(), sliced.parameters()):
+        assert torch.equal(a, b)
+        s0, s1 = opt0.state[a], opt1.state[b]
+        assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
+        assert is_paged(s1["exp_avg"]) and is_paged(s1["step"])  # all of it in host memory between steps
+        if masters:
+            assert torch.equal(m0.of(a).host, m1.of(b).host)
+    # one slice on the device at a time: its two moments (with masters also its fp32 master rows
+    # and gradient), + a step count; stepped whole, the 256 x 16 matrix's state alone is 32 KiB
+    assert 0 < peak1 <= (4 if masters else 2) * chunk_bytes + 64 < 32 * 1024 < peak0
+
+
+def test_a_non_element_wise_optimizer_steps_every_parameter_whole():
+    params = _three_params()
+    paging = OptimizerPaging(torch.optim.Adagrad(params), chunk_bytes=0).install()
+    _set_grads(params, 0)
+    paging.optimizer.step()
+    assert not paging.steps_by_rows() and paging.slices_stepped == 0 and paging.chunks_stepped == 3
 
 
 def test_step_with_a_closure_is_not_streamed_but_still_exact():
