@@ -42,6 +42,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import math
 import re
 import time
 import warnings
@@ -541,7 +542,9 @@ def worst_case_step(slimfit: Any, optimizer: torch.optim.Optimizer, cuda: bool =
     whatever units were drawn: gradients of everything not schedulable plus the step's budget
     (ILS ``budget: parameters``) or the largest units as many as it picks; the state of the
     largest chunk paging streams (of parameters a step can train: units the scheduler never
-    picks are never streamed) (two on CUDA, which prefetches); ``benchmarks/memory.py`` uses it."""
+    picks are never streamed; with an element-wise optimizer at most ``chunk_bytes`` or one row,
+    larger parameters being stepped by row slices) (two on CUDA, which prefetches);
+    ``benchmarks/memory.py`` uses it."""
     scheduled = {id(p) for u in slimfit.units.schedulable for p in u.params}
     grads = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"] if id(p) not in scheduled)
     strategy = slimfit.controller.scheduler.strategy
@@ -559,16 +562,24 @@ def worst_case_step(slimfit: Any, optimizer: torch.optim.Optimizer, cuda: bool =
     never = set(never_trained(slimfit.scheduler, slimfit.units.schedulable))
     idle = {id(p) for u in slimfit.units.schedulable if u.name in never for p in u.params}
     params = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in idle]
+    # the largest chunk: a parameter larger than chunk_bytes is a chunk of its own, or with an
+    # element-wise optimizer stepped a slice of rows (at least one row) at a time and never prefetched
+    sliced = paging.steps_by_rows()
     if paging.masters is None:
-        largest_param = max(p.numel() * p.element_size() for p in params)
+        largest_param = max(_step_numel(p, sliced) * p.element_size() for p in params)
         chunk = min(max(paging.chunk_bytes, largest_param), grads)  # a chunk holds no more than the step trains
         chunk_state = 2 * chunk + 64  # two moments (+ step counts)
     else:  # chunks count fp32 masters; the one stepped holds its masters, two fp32 moments and fp32
         # gradients, the one prefetched on CUDA its masters and moments
-        largest_master = max(p.numel() * 4 for p in params)
+        largest_master = max(_step_numel(p, sliced) * 4 for p in params)
         chunk = min(max(paging.chunk_bytes, largest_master), grads * 4 // size)
         return grads, 4 * chunk + 64 + (3 * chunk + 64 if cuda else 0)
     return grads, chunk_state * (2 if cuda else 1)
+
+
+def _step_numel(param: torch.Tensor, sliced: bool) -> int:
+    """Elements of ``param`` the step holds at once: one row when large ones are stepped by rows."""
+    return math.prod(param.shape[1:]) if sliced and param.dim() else param.numel()
 
 
 def logits_and_loss(setup: Setup, arm: Arm) -> int:
