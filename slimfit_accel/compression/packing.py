@@ -16,14 +16,14 @@ def as_groups(tensor: torch.Tensor, group_size: int | None) -> torch.Tensor:
     otherwise the flattened tensor is cut into runs of ``group_size`` elements, zero-padded at the
     end, so any size works. Undo with :func:`from_groups`.
     """
-    flat = tensor.detach().float().reshape(-1)
+    flat = tensor.detach().reshape(-1)
     if group_size is None:
         width = tensor.shape[-1] if tensor.dim() > 0 and tensor.shape[-1] > 0 else 1
-        return flat.reshape(-1, width)
+        return flat.float().reshape(-1, width)
     pad = (-flat.numel()) % group_size
-    if pad:
+    if pad:  # zero padding is exact in any dtype: pad before widening, one float32 copy only
         flat = torch.nn.functional.pad(flat, (0, pad))
-    return flat.reshape(-1, group_size)
+    return flat.float().reshape(-1, group_size)
 
 
 def from_groups(groups: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -37,10 +37,14 @@ def from_groups(groups: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> 
 def absmax_scale(groups: torch.Tensor, qmax: int) -> torch.Tensor:
     """One float32 scale per group so that the largest magnitude maps to ``qmax``.
 
-    All-zero groups get scale 1 (any value decodes them), so division never makes NaN.
+    All-zero groups get scale 1 (any value decodes them), so division never makes NaN. The
+    magnitude is ``max(amax, -amin)``: the same value as ``abs().amax()`` (NaN propagates; only
+    an all-zero group may differ, by the sign of its zero, and it gets scale 1 either way) without
+    a full-size ``abs()`` temporary, several times faster on CPU.
     """
-    scale = groups.abs().amax(dim=1, keepdim=True).div_(qmax)
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = torch.maximum(groups.amax(dim=1, keepdim=True), groups.amin(dim=1, keepdim=True).neg_())
+    scale.div_(qmax)
+    return scale.masked_fill_(~(scale > 0), 1.0)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -49,11 +53,12 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     if flat.numel() % 2:
         flat = torch.cat([flat, flat.new_zeros(1)])
     pairs = flat.reshape(-1, 2)
-    return (pairs[:, 0] | (pairs[:, 1] << 4)).contiguous()
+    return (pairs[:, 1] << 4).bitwise_or_(pairs[:, 0])  # fresh and contiguous
 
 
 def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of :func:`pack_nibbles`: the first ``numel`` 4-bit codes, as uint8."""
-    low = packed & 0x0F
-    high = packed >> 4
-    return torch.stack([low, high], dim=1).reshape(-1)[:numel]
+    codes = torch.empty(packed.numel(), 2, dtype=torch.uint8, device=packed.device)
+    torch.bitwise_and(packed, 0x0F, out=codes[:, 0])
+    torch.bitwise_right_shift(packed, 4, out=codes[:, 1])
+    return codes.reshape(-1)[:numel]

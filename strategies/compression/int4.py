@@ -52,13 +52,13 @@ class Int4Scaled:
     def pack(self, tensor: torch.Tensor, ctx: SavedTensorContext | None = None) -> Int4Packed:
         groups = as_groups(tensor, self.group_size)
         scale = absmax_scale(groups, 7)
-        codes = torch.round(groups / scale).clamp_(-7, 7).add_(8).to(torch.uint8)
+        codes = torch.div(groups, scale).round_().clamp_(-7, 7).add_(8).to(torch.uint8)
         return Int4Packed(pack_nibbles(codes), scale, groups.shape[1], tensor.shape, tensor.dtype)
 
     def unpack(self, packed: Int4Packed) -> torch.Tensor:
         rows = packed.scale.shape[0]
         codes = unpack_nibbles(packed.nibbles, rows * packed.width)
-        groups = codes.reshape(rows, packed.width).float().sub_(8) * packed.scale
+        groups = codes.reshape(rows, packed.width).to(torch.float32).sub_(8).mul_(packed.scale)
         return from_groups(groups, packed.shape, packed.dtype)
 
 

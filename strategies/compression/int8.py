@@ -54,7 +54,7 @@ class Int8Scaled:
         if self.log_domain:
             probs = as_groups(tensor, self.group_size).exp()  # as_groups may be a view of the input
             scale = absmax_scale(probs, 255)
-            codes = torch.mul(probs, scale.reciprocal()).round_().to(torch.uint8)
+            codes = probs.mul_(scale.reciprocal()).round_().to(torch.uint8)  # probs is fresh
             return Int8Packed(codes, scale, tensor.shape, tensor.dtype)
         groups = as_groups(tensor, self.group_size)
         scale = absmax_scale(groups, 127)
@@ -63,7 +63,9 @@ class Int8Scaled:
         return Int8Packed(codes, scale, tensor.shape, tensor.dtype)
 
     def unpack(self, packed: Int8Packed) -> torch.Tensor:
-        values = torch.mul(packed.codes, packed.scale)
+        # Widen then scale in place: the same float32 products as a mixed int8 x float32
+        # multiply, about twice as fast on CPU.
+        values = packed.codes.to(torch.float32).mul_(packed.scale)
         if packed.codes.dtype == torch.uint8:  # log domain; a zero probability -> a finite floor
             values = values.clamp_min_(torch.finfo(torch.float32).tiny).log_()
         return from_groups(values, packed.shape, packed.dtype)
