@@ -309,8 +309,8 @@ def arm_slimfit_best(args, device):
     the Llama decoder also the chunked loss, and under ``--precision bf16`` fp32 masters on host."""
     config = _default_config_at_ratio(args)
     config.update(checkpointing={"blocks": "all"}, optimizer_paging=True, compression="slimfit")
-    if args.model == "llama":  # no logits kept (as slimfit_accel.estimate's slimfit_best)
-        config["chunked_loss"] = True
+    if args.model == "llama":  # no logits kept, 256 tokens a chunk (as slimfit_accel.estimate's slimfit_best)
+        config["chunked_loss"] = {"chunk_size": 256}
     if args.precision == "bf16":  # bf16 weights on the device, fp32 masters on host
         config["master_weights"] = "host"
     return _slimfit_arm(args, device, config)

@@ -430,6 +430,11 @@ def slimfit_default_config(setup: Setup) -> dict[str, Any]:
     return setup.base_slimfit()
 
 
+#: The chunked loss of the most memory-saving config: 256 tokens a chunk keeps its fp32 logits
+#: working set at a quarter of the default's (Llama-3-8B, 2 x 2048: 0.24 vs 0.98 GiB).
+BEST_LOSS_CHUNK = {"chunk_size": 256}
+
+
 def slimfit_best_config(setup: Setup) -> dict[str, Any]:
     """The default config with ``freeze_ratio``, every block checkpointed, optimizer paging, and
     for a causal LM the chunked loss; in bf16 the fp32 masters on host (bf16 weights on device)."""
@@ -439,7 +444,7 @@ def slimfit_best_config(setup: Setup) -> dict[str, Any]:
     config.update(scheduler=scheduler, checkpointing={"blocks": "all"}, optimizer_paging=True)
     config.setdefault("compression", "slimfit")
     if setup.task == "causal-lm":
-        config["chunked_loss"] = True
+        config["chunked_loss"] = dict(BEST_LOSS_CHUNK)
     if setup.bf16:
         config["master_weights"] = "host"
     return config
