@@ -280,9 +280,10 @@ class MemoryReport:
 
         # One measured block per forward/backward pass: under gradient accumulation several make
         # one optimizer step (the freeze report counts those).
-        sampled = f", measured every {self.every} optimizer steps" if self.every > 1 else ""
-        title = f"Memory by category ({self.steps} forward/backward passes{sampled}), {self.scope.describe()}"
-        table = Table(title=title, show_header=True, header_style="bold")
+        title = f"Memory by category ({self.steps} forward/backward passes), {self.scope.describe()}"
+        # The sampling note goes under the table: a longer title would wrap the rank label.
+        caption = f"measured every {self.every} optimizer steps (memory_meter)" if self.every > 1 else None
+        table = Table(title=title, caption=caption, show_header=True, header_style="bold")
         table.add_column("category")
         table.add_column("last step", justify="right")
         table.add_column("peak over steps", justify="right")
