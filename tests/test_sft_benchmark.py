@@ -52,3 +52,21 @@ def test_runs_are_recorded_then_skipped(tmp_path, capsys):
     bench.main(["--table", "--results", str(results)])
     table = capsys.readouterr().out
     assert "### rt_answer" in table and "| slimfit_default | 3e-05 | 0 |" in table and "best lr per arm" in table
+
+
+def test_the_row_and_best_arms_run_and_train_the_tied_embedding(tmp_path):
+    """slimfit_rows trains SmolLM2-style tied embeddings by row ranges; slimfit_best (chunked loss
+    among its settings) runs on a causal LM."""
+    bench = load_benchmark()
+    tokenizer = chat_tokenizer()
+    tiny_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    results = tmp_path / "results.json"
+    bench.main(["--model", str(tmp_path / "model"), "--tasks", "rt_answer", "--arms", "slimfit_rows,slimfit_best",
+                "--seeds", "0", "--max-steps", "3", "--eval-limit", "4", "--results", str(results)])
+    runs = json.loads(results.read_text())["runs"]
+    rows = runs["rt_answer/slimfit_rows/lr3e-05/seed0"]
+    assert rows["arm"]["slimfit"]["units"]["row_chunks"] is True
+    assert any(name.startswith("model.embed_tokens.weight[") and count > 0 for name, count in rows["trained_steps"].items())
+    best = runs["rt_answer/slimfit_best/lr3e-05/seed0"]
+    assert best["arm"]["slimfit"]["chunked_loss"] == {"chunk_size": 256} and best["steps"] == 3
