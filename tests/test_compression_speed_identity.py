@@ -57,11 +57,13 @@ def ref_unpack_nibbles(packed, numel):
 
 
 def ref_int8_pack(tensor, group_size, log_domain):
-    if log_domain:
-        probs = ref_as_groups(tensor, group_size).exp()
-        scale = ref_absmax_scale(probs, 255)
-        codes = torch.mul(probs, scale.reciprocal()).round_().to(torch.uint8)
-        return codes, scale
+    if log_domain:  # affine in the log domain (tests/test_log_probs_compression.py says why)
+        groups = ref_as_groups(tensor, group_size)
+        high = groups.amax(dim=1, keepdim=True)
+        low = torch.maximum(groups.amin(dim=1, keepdim=True), high - 200.0)
+        step = ((high - low) / 255).clamp_min(torch.finfo(torch.float32).tiny)
+        codes = torch.round(((groups - low).clamp_min(0)) / step).clamp(0, 255).to(torch.uint8)
+        return codes, torch.cat([step, low], dim=1)
     groups = ref_as_groups(tensor, group_size)
     scale = ref_absmax_scale(groups, 127)
     codes = torch.mul(groups, scale.reciprocal()).round_().to(torch.int8)
@@ -69,10 +71,9 @@ def ref_int8_pack(tensor, group_size, log_domain):
 
 
 def ref_int8_unpack(codes, scale, shape, dtype):
-    values = torch.mul(codes, scale)
     if codes.dtype == torch.uint8:
-        values = values.clamp_min_(torch.finfo(torch.float32).tiny).log_()
-    return ref_from_groups(values, shape, dtype)
+        return ref_from_groups(codes.float() * scale[:, :1] + scale[:, 1:], shape, dtype)
+    return ref_from_groups(torch.mul(codes, scale), shape, dtype)
 
 
 def ref_int4_pack(tensor, group_size):

@@ -127,7 +127,8 @@ def _policy(gelu: dict, attention: dict, layernorm: dict, ffn_down: dict, modern
         if modern else Rule(module_type="*LayerNorm", role="normalized", when="frozen", compressor=CompressorSpec(**layernorm)),
     ]
     if modern:
-        # A loss's log-softmax output (batch x length x vocabulary): probabilities in 8 bits.
+        # A loss's log-softmax output (batch x length x vocabulary): log-probabilities in 8 bits,
+        # evenly spaced over each row's range (unbiased: the tail's mass is kept; int8.py).
         rules.append(Rule(role="log_probs", compressor=CompressorSpec(name="int8", log_domain=True)))
         # A gated MLP's own glue: the operands of act(gate) * up (gated_mlp.py). ``up`` is read
         # only by the gate's gradient: as an activation's input; ``gate`` (both gradients) and
@@ -160,8 +161,8 @@ def slimfit_policy() -> CompressionPolicy:
     (kind ``mlp``, role ``gated_up``)
     gated MLP's ``gate`` (kind ``mlp``)         any         int8, one scale per row
     FFN down-projection input                   any         int8, one scale per row
-    log-softmax output of a loss (role          any         its probabilities, 8 bits, one
-    ``log_probs``; batch x length x vocab)                  scale per row
+    log-softmax output of a loss (role          any         uint8 log-probabilities, a scale
+    ``log_probs``; batch x length x vocab)                  and offset per row (the tail kept)
     everything else (trained layers' inputs)    any         int8, one scale per row
     ==========================================  ==========  =================================
 

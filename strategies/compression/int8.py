@@ -5,10 +5,15 @@ SlimFit's fixed-point clamps). Measured on a small BERT: storing every saved ten
 kept weight gradients at cosine 0.9999 to exact.
 
 With ``log_domain: true`` the tensor holds log-probabilities (a log-softmax output, which a
-cross-entropy loss saves: batch x length x vocabulary floats): the probabilities ``exp(x)`` are
-stored instead, 8 unsigned bits with one scale per row, and come back as their log. The softmax
-gradient reads ``exp(x)``, so each probability gets an absolute error of at most 1/510 of its
-row's largest, and the many tiny ones stay tiny.
+cross-entropy loss saves: batch x length x vocabulary floats). They are stored as they are, in 8
+unsigned bits spread evenly between the row's smallest and largest log-probability (a scale and
+an offset per row), so every probability comes back with the same small *relative* error (at
+most ``exp(range / 510) - 1``; the range of a real 49k-token LM's row is ~36, so 7%, unbiased
+rounding) and the probabilities of a row still sum to ~1. Storing the probabilities themselves
+with one absmax scale (this mode's first form) rounded every probability under 1/510 of the row's
+largest to zero: on SmolLM2 that dropped ~6% of each row's mass, all from the same tail tokens,
+a biased error that pushed every hidden state's gradient the same way and made the pretrained
+decoder's training loss rise (``tests/test_log_probs_compression.py``).
 
 YAML: ``compressor: {name: int8}``, ``{name: int8, group_size: 128}`` or
 ``{name: int8, log_domain: true}``.
@@ -52,10 +57,13 @@ class Int8Scaled:
 
     def pack(self, tensor: torch.Tensor, ctx: SavedTensorContext | None = None) -> Int8Packed:
         if self.log_domain:
-            probs = as_groups(tensor, self.group_size).exp()  # as_groups may be a view of the input
-            scale = absmax_scale(probs, 255)
-            codes = probs.mul_(scale.reciprocal()).round_().to(torch.uint8)  # probs is fresh
-            return Int8Packed(codes, scale, tensor.shape, tensor.dtype)
+            groups = as_groups(tensor, self.group_size).float()
+            low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+            # a row of equal values (or -inf entries) still packs: a positive, finite step
+            low = torch.maximum(low, high - 200.0)
+            step = ((high - low) / 255).clamp_min(torch.finfo(torch.float32).tiny)
+            codes = (groups - low).clamp_min_(0).div_(step).round_().clamp_(0, 255).to(torch.uint8)
+            return Int8Packed(codes, torch.cat([step, low], dim=-1), tensor.shape, tensor.dtype)
         groups = as_groups(tensor, self.group_size)
         scale = absmax_scale(groups, 127)
         # |x| / scale <= 127 by construction, so rounding cannot leave the int8 range.
@@ -63,11 +71,13 @@ class Int8Scaled:
         return Int8Packed(codes, scale, tensor.shape, tensor.dtype)
 
     def unpack(self, packed: Int8Packed) -> torch.Tensor:
+        if packed.codes.dtype == torch.uint8:  # log domain: step and offset per row
+            step, low = packed.scale.split(1, dim=-1)
+            values = packed.codes.to(torch.float32).mul_(step).add_(low)
+            return from_groups(values, packed.shape, packed.dtype)
         # Widen then scale in place: the same float32 products as a mixed int8 x float32
         # multiply, about twice as fast on CPU.
         values = packed.codes.to(torch.float32).mul_(packed.scale)
-        if packed.codes.dtype == torch.uint8:  # log domain; a zero probability -> a finite floor
-            values = values.clamp_min_(torch.finfo(torch.float32).tiny).log_()
         return from_groups(values, packed.shape, packed.dtype)
 
 
