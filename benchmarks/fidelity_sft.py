@@ -65,7 +65,7 @@ TASKS: dict[str, dict[str, Any]] = {
     "speech_continuation": {"train_rows": 384, "test_rows": 400, "generate": 0, "eval_loss_rows": 400, "max_length": 128, "epochs": 1},
 }
 #: The lr a run takes when --lr is not given (peers: the middle of their sweep).
-DEFAULT_LR = {"full": 3e-5, "slimfit_default": 3e-5, "slimfit_rows": 3e-5, "slimfit_best": 3e-5, "lisa": 3e-5, "lora": 3e-4, "badam": 3e-5, "galore": 1e-4}
+DEFAULT_LR = {"full": 3e-5, "slimfit_default": 3e-5, "slimfit_rows": 3e-5, "slimfit_best": 3e-5, "slimfit_nocomp": 3e-5, "slimfit_unscaled": 3e-5, "lisa": 3e-5, "lora": 3e-4, "badam": 3e-5, "galore": 1e-4}
 LORA_RANK, GALORE_RANK, BEST_FREEZE_RATIO = 8, 128, 0.9
 
 
@@ -83,11 +83,16 @@ def arms() -> dict[str, dict[str, Any]]:
     # the default with the tied embedding / LM head trainable by row ranges (the decoder-default question)
     rows = json.loads(json.dumps(default))
     rows["units"] = {**rows.get("units", {}), "row_chunks": True}
+    # diagnostics for the decoder default: the default without compression / without lr_scale
+    nocomp = {**json.loads(json.dumps(default)), "compression": "none"}
+    unscaled = {**json.loads(json.dumps(default)), "lr_scale": 1.0}
     return {
         "full": {"kind": "full"},
         "slimfit_default": {"kind": "slimfit", "slimfit": default},
         "slimfit_rows": {"kind": "slimfit", "slimfit": rows},
         "slimfit_best": {"kind": "slimfit", "slimfit": best},
+        "slimfit_nocomp": {"kind": "slimfit", "slimfit": nocomp},
+        "slimfit_unscaled": {"kind": "slimfit", "slimfit": unscaled},
         "lisa": {"kind": "slimfit", "slimfit": {
             "seed": 0, "units": {"granularity": "tensor", "always_train": ["head"]},
             "scheduler": {"name": "random_layers", "n_blocks": 2, "interval": 20}, "compression": "none"}},
