@@ -18,12 +18,16 @@ at freeze ratio 0.9, every block checkpointed, optimizer paging, SlimFit compres
 256 tokens a chunk); the peers ``lora`` (PEFT, r=8 on every linear layer), ``lisa``
 (``random_layers``, 2 blocks switched every 20 steps, as ``--compare`` configures it), ``badam``
 (the ``badam`` package, one block at a time) and ``galore`` (``galore-torch``, rank-128
-projected Adam state on the blocks' matrices). Each run appends its record to the results JSON
+projected Adam state on the blocks' matrices); ``trl_slimfit`` / ``trl_full``: the same work
+through TRL's ``SFTTrainer`` (with / without ``SlimFitCallback`` and the default config), see
+``run_trl``. Each run appends its record to the results JSON
 at once; a run already recorded (same task, arm, lr, seed, arm definition and setting) is
 skipped, so the experiment can be completed over several sittings. Run it in the background.
 
     # the acceptance runs: full and SlimFit, 3 seeds, both tasks (about 10 minutes a run on 2 cores)
     python benchmarks/fidelity_sft.py --tasks rt_answer,speech_continuation --arms full,slimfit_default,slimfit_rows,slimfit_best --seeds 0,1,2
+    # TRL's SFTTrainer + SlimFitCallback against the recipe's slimfit_default (and plain SFTTrainer against full)
+    python benchmarks/fidelity_sft.py --tasks speech_continuation --arms trl_slimfit,trl_full --seeds 0,1,2
     # a peer's learning-rate sweep, one seed (the table shows each arm's best lr)
     python benchmarks/fidelity_sft.py --arms lora --lr 1e-4,3e-4,1e-3 --seeds 0
     # a short check: 20 steps, 64 test prompts, results elsewhere
@@ -65,7 +69,8 @@ TASKS: dict[str, dict[str, Any]] = {
     "speech_continuation": {"train_rows": 384, "test_rows": 400, "generate": 0, "eval_loss_rows": 400, "max_length": 128, "epochs": 1},
 }
 #: The lr a run takes when --lr is not given (peers: the middle of their sweep).
-DEFAULT_LR = {"full": 3e-5, "slimfit_default": 3e-5, "slimfit_rows": 3e-5, "slimfit_best": 3e-5, "slimfit_nocomp": 3e-5, "slimfit_unscaled": 3e-5, "lisa": 3e-5, "lora": 3e-4, "badam": 3e-5, "galore": 1e-4}
+DEFAULT_LR = {"full": 3e-5, "slimfit_default": 3e-5, "slimfit_rows": 3e-5, "slimfit_best": 3e-5, "slimfit_nocomp": 3e-5, "slimfit_unscaled": 3e-5, "slimfit_scale5": 3e-5, "lisa": 3e-5, "lora": 3e-4, "badam": 3e-5, "galore": 1e-4,
+              "trl_full": 3e-5, "trl_slimfit": 3e-5}
 LORA_RANK, GALORE_RANK, BEST_FREEZE_RATIO = 8, 128, 0.9
 
 
@@ -86,13 +91,18 @@ def arms() -> dict[str, dict[str, Any]]:
     # diagnostics for the decoder default: the default without compression / without lr_scale
     nocomp = {**json.loads(json.dumps(default)), "compression": "none"}
     unscaled = {**json.loads(json.dumps(default)), "lr_scale": 1.0}
+    scaled5 = {**json.loads(json.dumps(default)), "lr_scale": 5.0}
     return {
         "full": {"kind": "full"},
+        # the full / slimfit_default work through TRL's SFTTrainer (run_trl)
+        "trl_full": {"kind": "trl"},
+        "trl_slimfit": {"kind": "trl", "slimfit": default},
         "slimfit_default": {"kind": "slimfit", "slimfit": default},
         "slimfit_rows": {"kind": "slimfit", "slimfit": rows},
         "slimfit_best": {"kind": "slimfit", "slimfit": best},
         "slimfit_nocomp": {"kind": "slimfit", "slimfit": nocomp},
         "slimfit_unscaled": {"kind": "slimfit", "slimfit": unscaled},
+        "slimfit_scale5": {"kind": "slimfit", "slimfit": scaled5},
         "lisa": {"kind": "slimfit", "slimfit": {
             "seed": 0, "units": {"granularity": "tensor", "always_train": ["head"]},
             "scheduler": {"name": "random_layers", "n_blocks": 2, "interval": 20}, "compression": "none"}},
@@ -244,14 +254,15 @@ def build(arm: dict[str, Any], model, lr: float, weight_decay: float, total_step
     raise ValueError(f"unknown arm kind {kind!r}")
 
 
-def tied_embedding_units(model, slimfit) -> dict[str, Any]:
-    """How the tied input/output embedding is treated: its units and how often they trained."""
+def tied_embedding_units(model, slimfit, report=None) -> dict[str, Any]:
+    """How the tied input/output embedding is treated: its units and how often they trained
+    (``report``: the SlimFit report when ``slimfit`` is already detached)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     embedding, output = inner.get_input_embeddings().weight, inner.get_output_embeddings().weight
     info: dict[str, Any] = {"tied": embedding is output}
     if slimfit is not None:
         units = [u for u in slimfit.units.all if any(p is embedding or p is output for p in u.params)]
-        trained = slimfit.report().to_dict()["trained_steps"]
+        trained = (report or slimfit.report()).to_dict()["trained_steps"]
         info.update(units=[u.name for u in units], scheduled=[u.name for u in units if u in slimfit.units.schedulable],
                     trained_steps={u.name: trained.get(u.name) for u in units})
     return info
@@ -276,7 +287,10 @@ def evaluate(model, tokenizer, data, task: dict[str, Any], limit: int | None) ->
 
 
 def run(arm: dict[str, Any], data, tokenizer, model_path: str, seed: int, lr: float, task: dict[str, Any],
-        args: argparse.Namespace) -> dict[str, Any]:
+        args: argparse.Namespace, train_rows=None) -> dict[str, Any]:
+    """One training run and its scores; ``train_rows``: the untokenized train split (TRL arms)."""
+    if arm["kind"] == "trl":
+        return run_trl(arm, data, train_rows, tokenizer, model_path, seed, lr, task, args)
     from torch.utils.data import DataLoader
     from transformers import AutoModelForCausalLM, get_scheduler, set_seed
 
@@ -335,6 +349,156 @@ def run(arm: dict[str, Any], data, tokenizer, model_path: str, seed: int, lr: fl
     model.config.use_cache = True
     record.update(evaluate(model, tokenizer, data, task, args.eval_limit))
     record["run_seconds"] = train_seconds + record["eval_seconds"]
+    return record
+
+
+# ------------------------------------------------------------------------------------ TRL arms
+def training_steps(data, task: dict[str, Any], args: argparse.Namespace) -> int:
+    """Optimizer steps of a run: the epochs' batches, capped by ``--max-steps`` (as ``run``)."""
+    steps = math.ceil(len(data.splits["train"]) / args.batch_size) * task["epochs"]
+    return min(steps, args.max_steps) if args.max_steps else steps
+
+
+def sft_trainer(model, tokenizer, train_rows, data, seed: int, lr: float, task: dict[str, Any],
+                args: argparse.Namespace, output_dir: str, callbacks=()):
+    """TRL's ``SFTTrainer`` set to do ``run``'s work: the untokenized train rows (TRL tokenizes
+    them; ``same_rows`` checks it made the recipe's tokens and labels), the same batch size,
+    steps, lr, linear schedule without warmup, AdamW and weight decay, completion-only loss, fp32.
+    What SFTConfig would do differently is switched off: bf16 and activation checkpointing (its
+    defaults), packing, padding-free batches, evaluation and saving; ``max_grad_norm=0`` because
+    the recipe's loop does not clip (the Trainer clips at 1.0 by default). The Trainer still
+    computes the gradient norm every step (unclipped) and TRL its token-accuracy / entropy metrics,
+    and TRL computes the loss with its chunked LM head (no full logits): the same loss, less work.
+    Losses are logged every step for the record; the data order is the Trainer's (seeded)."""
+    import trl
+
+    config = trl.SFTConfig(
+        output_dir=output_dir, seed=seed, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1, max_steps=training_steps(data, task, args),
+        learning_rate=lr, lr_scheduler_type="linear", warmup_steps=0, optim="adamw_torch", weight_decay=args.weight_decay,
+        max_grad_norm=0.0, max_length=task["max_length"], truncation_mode="keep_start", packing=False, padding_free=False,
+        completion_only_loss=True, assistant_only_loss=False, shuffle_dataset=False, eval_strategy="no", save_strategy="no",
+        logging_strategy="steps", logging_steps=1, report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+    )
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=train_rows, processing_class=tokenizer, callbacks=list(callbacks))
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the probe prints every 10th step instead
+    return trainer
+
+
+def same_rows(prepared, recipe) -> str | None:
+    """None when TRL's prepared rows are the recipe's (``input_ids`` and ``labels``, row for row),
+    else what differs first."""
+    if len(prepared) != len(recipe):
+        return f"{len(prepared)} rows, the recipe {len(recipe)}"
+    for column in ("input_ids", "labels"):
+        for i, (theirs, ours) in enumerate(zip(prepared[column], recipe[column])):
+            if list(theirs) != list(ours):
+                return f"row {i} {column}: {list(theirs)[:12]}... vs the recipe's {list(ours)[:12]}..."
+    return None
+
+
+def trainer_probe(meter: bool):
+    """A Trainer callback that times the steps, keeps each step's logged loss and, for an arm
+    without SlimFit, measures memory with a ``MemoryMeter`` around each step as ``run`` does for
+    ``full`` (a factory: transformers is imported only when a TRL arm runs)."""
+    from contextlib import ExitStack
+
+    from transformers import TrainerCallback
+
+    from slimfit_accel.memory import MemoryMeter
+
+    class TrainerProbe(TrainerCallback):
+        def __init__(self):
+            self.meter, self.losses, self.started, self._step = None, [], None, None
+
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            if meter:
+                self.meter = MemoryMeter(model, optimizer)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.started is None:  # as run(): from the first step, after the arm is set up
+                self.started, self.cpu_started = time.perf_counter(), time.process_time()
+            if self.meter is not None:
+                self._step = ExitStack()
+                self._step.enter_context(self.meter.step())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self._step is not None:
+                step, self._step = self._step, None
+                step.close()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+                step = len(self.losses)
+                if step % 10 == 0:
+                    print(f"  step {step}/{state.max_steps} loss {statistics.fmean(self.losses[-10:]):.4f} "
+                          f"{(time.perf_counter() - self.started) / step:.1f} s/step", flush=True)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.seconds, self.cpu_seconds = time.perf_counter() - self.started, time.process_time() - self.cpu_started
+
+    return TrainerProbe()
+
+
+def run_trl(arm: dict[str, Any], data, train_rows, tokenizer, model_path: str, seed: int, lr: float, task: dict[str, Any],
+            args: argparse.Namespace) -> dict[str, Any]:
+    """``run`` through TRL's SFTTrainer (with SlimFitCallback for an arm with a SlimFit config):
+    the same rows, tokens, labels and settings (``sft_trainer``), a record of the same shape."""
+    import tempfile
+
+    import trl
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from slimfit_accel import SlimFitCallback
+
+    if train_rows is None:
+        raise ValueError("run_trl needs the untokenized train rows")
+    set_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model.config.use_cache = False
+    callback = None
+    if arm.get("slimfit") is not None:
+        config = json.loads(json.dumps(arm["slimfit"]))
+        config.update(seed=seed, memory_meter="always")  # as build(): exact memory of every step
+        callback = SlimFitCallback(config, print_report=False)
+    probe = trainer_probe(meter=callback is None)
+    total_steps = training_steps(data, task, args)
+    with tempfile.TemporaryDirectory() as output_dir, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = sft_trainer(model, tokenizer, train_rows, data, seed, lr, task, args, output_dir,
+                              callbacks=[c for c in (callback, probe) if c is not None])
+        differs = same_rows(trainer.train_dataset, data.splits["train"])
+        if differs is not None:
+            raise SystemExit(f"error: TRL's SFTTrainer tokenized the train rows differently from the recipe ({differs}); "
+                             "the trl arms would train on other tokens than the recipe's arms")
+        trainer.train()
+    if trainer.state.global_step != total_steps or len(probe.losses) != total_steps:
+        raise RuntimeError(f"the SFTTrainer ran {trainer.state.global_step} steps ({len(probe.losses)} losses), expected {total_steps}")
+    optimizer = trainer.optimizer
+    record: dict[str, Any] = {
+        "steps": total_steps, "seconds_per_step": probe.seconds / total_steps, "cpu_seconds_per_step": probe.cpu_seconds / total_steps,
+        "train_loss_first_10": statistics.fmean(probe.losses[:10]), "train_loss_last_10": statistics.fmean(probe.losses[-10:]),
+        "lr": lr, "extras": {"trl": trl.__version__, "optimizer": type(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer).__name__,
+                             "max_grad_norm": trainer.args.max_grad_norm, "data_order": "the Trainer's sampler, seeded"},
+        "tied_embeddings": tied_embedding_units(model, callback.slimfit if callback else None, callback.report if callback else None),
+        "warnings": sorted({str(w.message)[:300] for w in caught}),
+    }
+    if callback is not None:
+        report = callback.report.to_dict()
+        counts = sorted(report["trained_steps"].values())
+        record.update(trainable_fraction=report["mean_trainable_fraction"], memory=report["memory"],
+                      updates_per_unit={"min": counts[0], "median": counts[len(counts) // 2], "max": counts[-1]},
+                      trained_steps=report["trained_steps"])
+    else:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        record.update(trainable_fraction=trainable / sum(p.numel() for p in model.parameters()), memory=probe.meter.summary().to_dict())
+        probe.meter.close()
+    model.config.use_cache = True
+    record.update(evaluate(model, tokenizer, data, task, args.eval_limit))
+    record["run_seconds"] = probe.seconds + record["eval_seconds"]
     return record
 
 
@@ -458,6 +622,7 @@ def main(argv: list[str] | None = None) -> None:
                    "max_steps": args.max_steps, "eval_limit": args.eval_limit, "model": args.model}
         setting_id = fingerprint(setting)
         data = load_task(task_name, task, args.split_seed, tokenizer)
+        train_rows = BUILDERS[task_name](task, args.split_seed)["train"] if any(known[a]["kind"] == "trl" for a in chosen) else None
         for line in data.notes():
             print(f"{task_name}: {line}", flush=True)
         base_key = f"{task_name}/{setting_id}"
@@ -479,7 +644,7 @@ def main(argv: list[str] | None = None) -> None:
                         print(f"skip {key} (recorded: {_scores_line(done)})", flush=True)
                         continue
                     print(f"run  {key} ...", flush=True)
-                    record = run(arm, data, tokenizer, model_path, seed, lr, task, args)
+                    record = run(arm, data, tokenizer, model_path, seed, lr, task, args, train_rows)
                     record.update(
                         seed=seed, arm=arm, arm_fingerprint=fingerprint(arm), setting=setting, setting_id=setting_id,
                         data=data.summary(), torch=torch.__version__, threads=torch.get_num_threads(),
