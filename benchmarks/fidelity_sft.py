@@ -373,7 +373,7 @@ def sft_trainer(model, tokenizer, train_rows, data, seed: int, lr: float, task: 
     import trl
 
     config = trl.SFTConfig(
-        output_dir=output_dir, seed=seed, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        output_dir=output_dir, seed=seed, use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1, max_steps=training_steps(data, task, args),
         learning_rate=lr, lr_scheduler_type="linear", warmup_steps=0, optim="adamw_torch", weight_decay=args.weight_decay,
         max_grad_norm=0.0, max_length=task["max_length"], truncation_mode="keep_start", packing=False, padding_free=False,

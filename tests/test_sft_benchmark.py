@@ -70,3 +70,54 @@ def test_the_row_and_best_arms_run_and_train_the_tied_embedding(tmp_path):
     assert any(name.startswith("model.embed_tokens.weight[") and count > 0 for name, count in rows["trained_steps"].items())
     best = runs["rt_answer/slimfit_best/lr3e-05/seed0"]
     assert best["arm"]["slimfit"]["chunked_loss"] == {"chunk_size": 256} and best["steps"] == 3
+
+
+def test_trl_trains_on_the_recipes_tokens_and_labels(tmp_path):
+    """TRL's SFTTrainer, given the untokenized rows, makes the recipe's input ids and labels row for
+    row (both tasks: chat prompt + completion and plain text), and its batches are the recipe's
+    padded batches of the same rows."""
+    import torch
+
+    from slimfit_accel.recipes.sft import SFTCollator, pad_token_id
+
+    bench = load_benchmark()
+    tokenizer = chat_tokenizer()
+    args = bench.parse_args(["--batch-size", "8", "--max-steps", "2"])
+    for name in ("rt_answer", "speech_continuation"):
+        task = bench.TASKS[name]
+        data = bench.load_task(name, task, 0, tokenizer)
+        rows = bench.BUILDERS[name](task, 0)["train"]
+        trainer = bench.sft_trainer(tiny_llama(len(tokenizer)), tokenizer, rows, data, 0, 3e-5, task, args, str(tmp_path / name))
+        assert bench.same_rows(trainer.train_dataset, data.splits["train"]) is None, name
+        labels = data.splits["train"]["labels"]
+        assert any(y == -100 for y in labels[0]) and any(y != -100 for y in labels[0])  # completion-only loss
+        assert (trainer.args.max_grad_norm, trainer.args.bf16, trainer.args.activation_checkpointing, trainer.args.packing) == (0.0, False, False, False)
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert batch["input_ids"].shape[0] == 8 and "position_ids" not in batch  # padded, not padding-free
+        index = {tuple(ids): i for i, ids in enumerate(data.splits["train"]["input_ids"])}
+        picked = [index[tuple(ids[mask.bool()].tolist())] for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        ours = SFTCollator(pad_token_id(tokenizer))([data.splits["train"][i] for i in picked])
+        for key in ("input_ids", "attention_mask", "labels"):
+            assert torch.equal(batch[key], ours[key]), (name, key)
+    changed = data.splits["train"].select(range(3)).map(lambda r: {"labels": [-100] + r["labels"][1:]} if r["labels"][0] != -100 else {"labels": r["labels"][:-1] + [-100]})
+    assert "row 0 labels" in bench.same_rows(changed, data.splits["train"].select(range(3)))
+
+
+def test_the_trl_arms_run_and_record_like_the_others(tmp_path):
+    bench = load_benchmark()
+    tokenizer = chat_tokenizer()
+    tiny_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    results = tmp_path / "results.json"
+    bench.main(["--model", str(tmp_path / "model"), "--tasks", "rt_answer", "--arms", "trl_full,trl_slimfit",
+                "--seeds", "0", "--max-steps", "3", "--eval-limit", "4", "--results", str(results)])
+    runs = json.loads(results.read_text())["runs"]
+    full, slim = runs["rt_answer/trl_full/lr3e-05/seed0"], runs["rt_answer/trl_slimfit/lr3e-05/seed0"]
+    assert slim["arm"]["slimfit"] == bench.arms()["slimfit_default"]["slimfit"]  # the packaged default config
+    for rec in (full, slim):
+        assert rec["steps"] == 3 and rec["generated"] == 4 and 0.0 <= rec["exact_match"] <= 1.0
+        assert rec["memory"]["peak"]["total"] > 0 and rec["extras"]["max_grad_norm"] == 0.0
+        assert rec["seconds_per_step"] > 0 and rec["train_loss_first_10"] > 0
+    assert full["trainable_fraction"] == 1.0 and slim["trainable_fraction"] < 1.0
+    assert slim["memory"]["peak"]["total"] < full["memory"]["peak"]["total"]
+    assert slim["tied_embeddings"]["units"] == ["model.embed_tokens.weight"] and sum(slim["trained_steps"].values()) > 0
