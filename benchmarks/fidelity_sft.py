@@ -368,10 +368,16 @@ def sft_trainer(model, tokenizer, train_rows, data, seed: int, lr: float, task: 
     defaults), packing, padding-free batches, evaluation and saving; ``max_grad_norm=0`` because
     the recipe's loop does not clip (the Trainer clips at 1.0 by default). The Trainer still
     computes the gradient norm every step (unclipped) and TRL its token-accuracy / entropy metrics,
-    and TRL computes the loss with its chunked LM head (no full logits): the same loss, less work.
-    Losses are logged every step for the record; the data order is the Trainer's (seeded)."""
+    and TRL computes the loss with its chunked LM head: the same loss without the full logits, so
+    less activation memory than ``run``'s arms, which keep them.
+    Losses are logged every step for the record; the data order is the Trainer's (seeded).
+    Weight decay must be 0 (the default): the Trainer exempts norm weights and biases from it,
+    ``run``'s AdamW does not."""
     import trl
 
+    if args.weight_decay:
+        raise SystemExit(f"error: --weight-decay {args.weight_decay:g} with a trl arm: the Trainer exempts norm weights and "
+                         "biases from weight decay and the recipe's arms do not, so they would differ; use --weight-decay 0")
     config = trl.SFTConfig(
         output_dir=output_dir, seed=seed, use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1, max_steps=training_steps(data, task, args),

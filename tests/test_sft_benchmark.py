@@ -121,3 +121,50 @@ def test_the_trl_arms_run_and_record_like_the_others(tmp_path):
     assert full["trainable_fraction"] == 1.0 and slim["trainable_fraction"] < 1.0
     assert slim["memory"]["peak"]["total"] < full["memory"]["peak"]["total"]
     assert slim["tied_embeddings"]["units"] == ["model.embed_tokens.weight"] and sum(slim["trained_steps"].values()) > 0
+
+
+def test_trl_full_steps_as_the_recipe_loop_on_the_same_batches(tmp_path):
+    """On the batches TRL's SFTTrainer drew, run()'s loop (the model's own loss, AdamW, linear
+    schedule without warmup, no clipping) ends with the same weights: the trl arms do the recipe's
+    work, only the data order is the Trainer's. Weight decay, which the two would apply to
+    different parameters, is refused."""
+    import copy
+
+    import torch
+    from transformers import get_scheduler
+
+    bench = load_benchmark()
+    tokenizer = chat_tokenizer()
+    task = bench.TASKS["speech_continuation"]
+    data = bench.load_task("speech_continuation", task, 0, tokenizer)
+    rows = bench.BUILDERS["speech_continuation"](task, 0)["train"]
+    args = bench.parse_args(["--max-steps", "3"])
+    model = tiny_llama(len(tokenizer))
+    reference = copy.deepcopy(model)
+    trainer = bench.sft_trainer(model, tokenizer, rows, data, 0, 1e-2, task, args, str(tmp_path / "trl"))
+    batches, collate = [], trainer.data_collator
+
+    def recording(examples):
+        batch = collate(examples)
+        batches.append({k: v.clone() for k, v in batch.items()})
+        return batch
+
+    trainer.data_collator = recording
+    trainer.train()
+    assert len(batches) >= 3  # Accelerate's loader collates one batch ahead
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0)
+    schedule = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=3)
+    reference.train()
+    for batch in batches[:3]:  # run()'s step
+        reference(**batch).loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    moved = 0.0
+    for (name, ours), theirs in zip(reference.named_parameters(), model.parameters()):
+        torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5, msg=name)
+        moved = max(moved, (ours - tiny_llama(len(tokenizer)).get_parameter(name)).abs().max().item())
+    assert moved > 1e-3  # the weights did move: the comparison means something
+    with pytest.raises(SystemExit, match="weight-decay"):
+        bench.sft_trainer(tiny_llama(len(tokenizer)), tokenizer, rows, data, 0, 1e-2, task,
+                          bench.parse_args(["--weight-decay", "0.1"]), str(tmp_path / "wd"))
