@@ -64,6 +64,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index: int, chunk_size: int):  # noqa: D102
+        # A frozen head kept in int8 (frozen_int8.StoredWeight): dequantised here and again in
+        # backward, never saved.
+        ctx.stored = None if isinstance(weight, torch.Tensor) else weight
+        weight = weight if ctx.stored is None else ctx.stored.dequantize()
         flat = hidden.reshape(-1, hidden.shape[-1])
         targets = labels.reshape(-1)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -73,7 +77,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             compute_dtype = logits.dtype
             total += F.cross_entropy(logits.float(), targets[start:start + chunk_size], ignore_index=ignore_index, reduction="sum")
             del logits
-        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.save_for_backward(hidden, weight if ctx.stored is None else None, bias, labels)
         ctx.compute_dtype = compute_dtype or hidden.dtype
         ctx.ignore_index, ctx.chunk_size = ignore_index, chunk_size
         return total
@@ -82,6 +86,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_total):  # noqa: D102
         hidden, weight, bias, labels = ctx.saved_tensors
+        weight = weight if ctx.stored is None else ctx.stored.dequantize()
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         dtype, size = ctx.compute_dtype, ctx.chunk_size
         flat = hidden.reshape(-1, hidden.shape[-1])
@@ -152,7 +157,8 @@ def chunked_linear_cross_entropy(
     tokens = hidden.numel() // hidden.shape[-1] if hidden.shape[-1] else 0
     if targets.numel() != tokens:
         raise ValueError(f"Expected input batch_size ({tokens}) to match target batch_size ({targets.numel()}).")
-    if backend == "liger" or (backend == "auto" and _liger_applies(hidden, weight)):
+    frozen_int8 = not isinstance(weight, torch.Tensor)  # a frozen head in int8: the chunked torch path dequantises it
+    if not frozen_int8 and (backend == "liger" or (backend == "auto" and _liger_applies(hidden, weight))):
         total = _liger_sum(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets, ignore_index)
     else:
         total = ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, chunk_size)
@@ -302,12 +308,14 @@ def _forward_with_chunked_loss(model: nn.Module, *args: Any, **kwargs: Any) -> A
 
 def _head_forward(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     state: _ChunkedLossState = head._slimfit_chunked_loss
+    from .frozen_int8 import head_weight, linear_forward  # frozen_weights: int8 keeps a frozen head in int8
+
     if state.loss_args is not None:  # called by the loss: run it inside the head's own hooks
-        return chunked_linear_cross_entropy(hidden, head.weight, head.bias, **state.loss_args)
+        return chunked_linear_cross_entropy(hidden, head_weight(head.weight), head.bias, **state.loss_args)
     if state.passthrough:  # the model's forward: the logits are made later, a chunk at a time
         state.pending = hidden
         return hidden
-    return type(head).forward(head, hidden)
+    return linear_forward(head, hidden)
 
 
 def _chunked_causal_lm_loss(

@@ -135,6 +135,16 @@ class SlimFitConfig(BaseModel):
     AdamW with fp32 masters. Needs ``optimizer_paging: true``. Under DeepSpeed, whose bf16 keeps
     fp32 masters in its own optimizer, a no-op with a warning; refused under FSDP2.
 
+    ``frozen_weights``: ``full`` (default) keeps every weight on the device as the model holds it;
+    ``int8`` keeps each schedulable 2-D weight (``nn.Linear``, ``nn.Embedding``; a tied embedding
+    once) on the device as int8 codes with one fp32 scale per row, its exact value (the fp32 master
+    of ``master_weights: host``, else a copy of the weight) in host memory. A unit the step trains
+    is materialised in full precision from its master before forward, trained and stepped as
+    usual, then requantised from the updated master and freed; frozen units compute forward and
+    input gradients from a weight dequantised on the fly (``frozen_int8.py``). So a step reads
+    full-precision weights only for the units it trains; the frozen ones compute with their int8
+    rounding (an accuracy cost to measure). One device or DDP; refused under DeepSpeed and FSDP.
+
     ``optimizer_step``: ``after_backward`` (default) steps the optimizer when the loop calls
     ``optimizer.step()``; ``in_backward`` updates each trained unit as soon as backward has
     completed its gradient and releases that gradient, so a step holds a few units' gradients
@@ -171,6 +181,7 @@ class SlimFitConfig(BaseModel):
     compression: Literal["slimfit", "reference", "none"] | CompressionPolicy = "slimfit"
     optimizer_paging: bool = False
     master_weights: Literal["host"] | None = None
+    frozen_weights: Literal["full", "int8"] = "full"
     optimizer_step: Literal["after_backward", "in_backward"] = "after_backward"
     checkpointing: CheckpointingConfig | None = None
     lr_scale: float = Field(default=1.0, gt=0.0, le=100.0)

@@ -134,8 +134,11 @@ class MasterWeights:
                 f"{tuple(master.host.shape)}: load a checkpoint of this model."
             )
         master.host.copy_(value)
-        with torch.no_grad():
-            master.param.copy_(master.host)
+        from .frozen_int8 import requantize_from_master
+
+        if not requantize_from_master(master.param):  # frozen_weights: int8 holds codes, no weight to round into
+            with torch.no_grad():
+                master.param.copy_(master.host)
 
     def restore(self) -> None:
         """Every parameter with a master becomes its fp32 master again, on its device; then the

@@ -5,7 +5,9 @@ so it means the same on CPU, CUDA or anything else:
 
 - ``params``: model parameters, each storage once (tied weights once); under DeepSpeed ZeRO-3 the
   rank's partition (``param.ds_tensor``). Under FSDP2 every figure counts this rank's shard of a
-  ``DTensor`` (parameters, gradients, optimizer state).
+  ``DTensor`` (parameters, gradients, optimizer state). With ``frozen_weights: int8`` a stored
+  weight counts as its int8 codes and fp32 row scales, plus its full copy while it trains
+  (``frozen_int8.py``).
 - ``grads``: gradients alive, followed as backward creates them (post-accumulate-grad hooks) and
   as they are freed (``zero_grad(set_to_none=True)``); the figure is the peak within the step.
   Under DeepSpeed the fp32 partitions' gradients are counted at the optimizer step.
@@ -64,6 +66,7 @@ from torch import nn
 from .compression.engine import CompressionEngine
 from .compression.policy import CompressionPolicy
 from .integrations.fsdp import is_dtensor, local_shard
+from .frozen_int8 import device_tensors as int8_device_tensors
 from .paging import is_paged
 
 CATEGORIES = ("params", "grads", "optimizer", "activations", "activations_raw", "total")
@@ -98,10 +101,11 @@ def parameter_bytes(model: nn.Module) -> int:
     for param in model.parameters():
         tensor = getattr(param, "ds_tensor", None)  # ZeRO-3: the local partition
         tensor = tensor if isinstance(tensor, torch.Tensor) else param
-        key = _key(tensor)
-        if key not in seen:
-            seen.add(key)
-            total += _nbytes(tensor)
+        for held in int8_device_tensors(param) or [tensor]:  # frozen_weights: int8: codes and scales
+            key = _key(held)
+            if key not in seen:
+                seen.add(key)
+                total += _nbytes(held)
     return total
 
 

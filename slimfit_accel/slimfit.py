@@ -33,6 +33,8 @@ from .compression import CompressionEngine, CompressionPolicy, slimfit_policy, s
 from .config import SlimFitConfig, load_config
 from .controller import FreezeController
 from .errors import IntegrationError
+from .frozen_int8 import FrozenInt8
+from .frozen_int8 import refuse_unsupported as refuse_int8_under
 from .integrations.fsdp import FSDP1_REFUSAL, FSDP2StepBackend, fsdp_version, init_fsdp2, rebind_units
 from .master_weights import MasterWeights, check_precision, hand_over_to_deepspeed
 from .memory import MemoryMeter, gather_ranks
@@ -63,6 +65,7 @@ class SlimFit:
         self.memory: MemoryMeter | None = None
         self.master_weights: MasterWeights | None = None
         self.checkpointing: BlockCheckpointing | None = None
+        self.frozen_int8: FrozenInt8 | None = None
         self.model: nn.Module | None = None
         self.units: UnitSet | None = None
         self._trainable: dict[int, int] = {}
@@ -163,6 +166,8 @@ class SlimFit:
         if self.master_weights is not None:
             check_precision(accelerator)
         sharding = fsdp_version(accelerator, model)
+        if self.config.frozen_weights == "int8":
+            refuse_int8_under(accelerator, sharding)
         if self.config.optimizer_step == "in_backward":
             refuse_unsupported(accelerator, model, sharding, getattr(self.config.units, "row_chunks", None) is not None)
         if sharding == 1:
@@ -181,6 +186,9 @@ class SlimFit:
             lr_scale=self.config.lr_scale, rows=rows,
         )
         self.controller.bind(backend)
+        if self.config.frozen_weights == "int8":  # after bind: its step post-hook runs after the backend's
+            self.frozen_int8 = FrozenInt8.attach(self.model, self.units, masters=self.master_weights,
+                                                 optimizer=getattr(optimizer, "optimizer", optimizer))
         if self.policy is not None:
             factories = {name: reg.factory for name, reg in self.registry.strategies["compressor"].items()}
             self.compression = CompressionEngine(self.model, self.policy, compressors=factories).attach()
@@ -209,6 +217,8 @@ class SlimFit:
         if self.controller is None:
             raise IntegrationError("call slimfit.attach(accelerator, model, optimizer) before training")
         self.controller.begin_step()
+        if self.frozen_int8 is not None:  # the units trained now in full precision, the others int8
+            self.frozen_int8.follow_requires_grad()
         try:
             with ExitStack() as stack:
                 if self.compression is not None:
@@ -253,6 +263,9 @@ class SlimFit:
         if self.compression is not None:
             self.compression.detach()
             self.compression = None
+        if self.frozen_int8 is not None:  # every weight in full precision again, from its master
+            self.frozen_int8.detach()
+            self.frozen_int8 = None
         if self.controller is not None:
             self.controller.unbind()  # with master_weights: the parameters are their fp32 masters again
             self.master_weights = None
