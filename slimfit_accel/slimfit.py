@@ -43,7 +43,7 @@ from .paging import OptimizerPaging
 from .plugins import StrategyRegistry
 from .report import SlimFitReport, build_report
 from .row_units import RowLayout
-from .step_in_backward import InBackwardStepBackend, refuse_unsupported
+from .step_in_backward import InBackwardStepBackend, ddp_of, refuse_unsupported
 from .stepping import StepBackend, TorchStepBackend, reentrant_checkpointing
 from .units import ParameterSummary, UnitSet, discover_units, full_numel
 
@@ -348,7 +348,7 @@ class SlimFit:
             OptimizerPaging(torch_optimizer, masters=self.master_weights, rows=rows) if self.config.optimizer_paging else None
         )
         if self.config.optimizer_step == "in_backward":
-            return InBackwardStepBackend(torch_optimizer, self.units, paging=paging)
+            return InBackwardStepBackend(torch_optimizer, self.units, paging=paging, ddp=ddp_of(accelerator, model))
         return TorchStepBackend(torch_optimizer, paging=paging)
 
 

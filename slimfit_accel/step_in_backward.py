@@ -13,21 +13,47 @@ gradient first. ``optimizer.step()`` in the user's loop then only does the bookk
 gradients never completed (a parameter unused in forward) are stepped, the scorer's ``after_step``
 runs unit by unit in the controller's order, counters advance.
 
+Under DDP (``accelerator.prepare``, or the Trainer's wrapper) a unit must be stepped with the
+gradient averaged over processes, which exists only once DDP has reduced the buckets holding it.
+SlimFit registers DDP's communication hook (``_reduce_bucket``; DDP takes one, for good): it
+averages exactly as DDP does without a hook (each gradient times 1/world size as it is copied into
+the bucket, then an all-reduce sum) and hands the bucket to the backend. The local gradients of
+the bucket's parameters are released there (the bucket holds their copy); at every later gradient
+hook, and at the end of backward for the rest, each bucket whose all-reduce has completed is taken,
+in launch order, on the autograd thread: its parameters' ``.grad`` become views of the averaged
+bucket, and each unit whose trained parameters are all averaged is stepped, so a unit spanning
+several buckets waits for the last. A stepped parameter's ``.grad`` is left as its bucket view
+(DDP's own end of backward then copies the bucket onto itself, allocating nothing) and cleared at
+``optimizer.step()``. A parameter this process did not use (outside the graph) is left to DDP,
+which gives it the average when another process used it and no gradient when none did, exactly as
+in the ordinary step; its unit is stepped at ``optimizer.step()``. Frozen units are unused on every
+process (``find_unused_parameters``), so DDP gives them no gradient. Detached, the hook stays and
+averages as DDP's own does. DDP's buckets hold a gradient copy of every parameter it was built
+with in both modes (the meter does not count them); the step in backward keeps at most a bucket's
+worth (``bucket_cap_mb``) of gradients of its own beyond them, instead of every trained gradient.
+On CUDA the averaged bucket is waited for on the current stream (no host sync), which orders the
+rest of backward after that all-reduce.
+
 Exact: every parameter gets the optimizer's own arithmetic on its own gradient and state, as in
 the ordinary step, so weights, state and scores are bit-identical for every ``torch.optim``
 optimizer that updates each parameter from its own gradient (AdamW, Adam, SGD; not LBFGS), with
-or without ``optimizer_paging`` and ``master_weights: host``.
+or without ``optimizer_paging`` and ``master_weights: host``, on one process or under DDP (whose
+gradients are averaged as DDP averages them; with ``gradient_as_bucket_view`` and gradients kept
+between steps, ``zero_grad(set_to_none=False)``, DDP divides instead of multiplying by 1/world size,
+which is the same only for a power-of-two world size).
 
 Refused, with the reason, because an update in backward cannot wait for all gradients:
 gradient accumulation (``gradient_accumulation_steps > 1`` at attach or Trainer start; a second
-backward before ``optimizer.step()`` at that backward), gradient clipping (``torch.nn.utils`` and
+backward before ``optimizer.step()`` at that backward; a backward under DDP's ``no_sync``, or
+through the bare module, at the end of that backward), gradient clipping (``torch.nn.utils`` and
 ``Accelerator`` ``clip_grad_norm_``/``clip_grad_value_`` raise when given a parameter stepped in
 backward; the Trainer's ``max_grad_norm > 0`` at start), fp16 loss scaling (a GradScaler needs every
 gradient for its inf check: Accelerate's fp16 at attach, a scaler handing a fused optimizer its scale
 at the step; a plain GradScaler with another optimizer fails in torch's own ``unscale_``, after the
-first update), closures, and several processes: DDP averages gradients in buckets after the hooks
-have run (the hooks see this rank's gradient, not the average) and holds every gradient in those
-buckets anyway; DeepSpeed and FSDP run their own step.
+first update), closures, DDP set up to reduce otherwise (a communication hook of the user's,
+``static_graph``, DDP's own ``mixed_precision``, ``skip_all_reduce_unused_params``, delayed
+all-reduce, the compiled reducer), several processes without DDP, and DeepSpeed and FSDP, which
+reduce (and shard) gradients and run their own step.
 
 A norm asked for without clipping (``clip_grad_norm_(params, inf)``, which the Trainer calls every
 step to log ``grad_norm``) is answered: each parameter's gradient norm is kept (one scalar, on its
@@ -61,29 +87,62 @@ def refuse_unsupported(accelerator: Any, model: torch.nn.Module, sharding: int |
     from accelerate.utils import DistributedType
 
     kind = getattr(accelerator, "distributed_type", None)
+    ddp = ddp_of(accelerator, model)
+    reason = None
     if kind == DistributedType.DEEPSPEED:
         reason = "DeepSpeed runs its own optimizer step over flat partitions"
     elif sharding:
         reason = f"FSDP{sharding} reduces and shards gradients after backward and runs its own step"
-    elif isinstance(model, torch.nn.parallel.DistributedDataParallel) or (
-        dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    ):
+    elif ddp is not None:
+        reason = _ddp_refusal(ddp)
+    elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         reason = (
-            "under DDP (or any multi-process run) the gradient hooks fire before the gradients are averaged "
-            "across processes, and DDP's buckets hold every gradient anyway; train on one process"
+            f"{dist.get_world_size()} processes run but the model is not wrapped in DistributedDataParallel, whose "
+            "buckets the units are stepped from once averaged; wrap it in DDP (accelerator.prepare does)"
         )
+    fp16 = getattr(accelerator, "scaler", None) is not None or getattr(accelerator, "mixed_precision", "no") == "fp16"
+    if reason is not None:
+        pass
     elif getattr(accelerator, "gradient_accumulation_steps", 1) > 1:
         reason = (
             f"gradient_accumulation_steps={accelerator.gradient_accumulation_steps}: a unit is updated as soon as "
             "one backward completes its gradient, so gradients cannot accumulate; use gradient_accumulation_steps=1"
         )
-    elif getattr(accelerator, "scaler", None) is not None or getattr(accelerator, "mixed_precision", "no") == "fp16":
+    elif fp16:
         reason = "fp16 loss scaling needs every gradient for its inf check before any update; use bf16 or fp32"
     elif row_chunks:
         reason = "units.row_chunks steps one tensor's rows as several units; remove row_chunks"
-    else:
-        return
-    raise IntegrationError(f"{_KEY} is not supported here: {reason}, {_USE_DEFAULT}.")
+    if reason is not None:
+        raise IntegrationError(f"{_KEY} is not supported here: {reason}, {_USE_DEFAULT}.")
+
+
+def ddp_of(accelerator: Any, model: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel | None:
+    """The DDP wrapper of ``model``: ``model`` itself, or the one the Trainer's callbacks are not
+    given (``accelerator.ddp_model``, found by ``SlimFitCallback``)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model
+    return getattr(accelerator, "ddp_model", None)
+
+
+def _ddp_refusal(ddp: torch.nn.parallel.DistributedDataParallel) -> str | None:
+    """What DDP setting keeps the units from being stepped exactly from its averaged buckets."""
+    hooks = [hook for hook, _ in getattr(ddp, "_comm_hooks", []) if hook is not _reduce_bucket]
+    if hooks:
+        return (
+            f"DDP already has a communication hook ({getattr(hooks[0], '__qualname__', hooks[0])}), but the units are "
+            "stepped from DDP's plain averaged buckets; remove it (Accelerate: DistributedDataParallelKwargs(comm_hook=NO))"
+        )
+    settings = {
+        "static_graph=True": getattr(ddp, "static_graph", False),
+        "mixed_precision": getattr(ddp, "mixed_precision", None) is not None,
+        "skip_all_reduce_unused_params=True": getattr(ddp, "skip_all_reduce_unused_params", False),
+        "delay_all_reduce_named_params": bool(getattr(ddp, "_delay_all_reduce_params", None)),
+        "the compiled (python_reducer) DDP": getattr(ddp, "_use_python_reducer", False),
+    }
+    named = [name for name, on in settings.items() if on]
+    if named:
+        return f"DDP was built with {named[0]}, which changes how and when buckets are reduced; build it without"
+    return None
 
 
 def refuse_trainer_arguments(args: Any) -> None:
@@ -139,12 +198,17 @@ class InBackwardStepBackend:
 
     ``units``: the model's units (a unit is stepped once all its parameters have gradients);
     optimizer parameters in no unit are stepped alone. ``paging``: stream each unit's state (and
-    masters) through its update.
+    masters) through its update. ``ddp``: the model's DDP wrapper; a unit is then stepped once
+    every bucket holding its parameters is averaged across processes (see the module docstring).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, units: UnitSet, paging: OptimizerPaging | None = None):
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, units: UnitSet, paging: OptimizerPaging | None = None,
+        ddp: torch.nn.parallel.DistributedDataParallel | None = None,
+    ):
         self.optimizer = optimizer
         self.paging = paging
+        self.ddp = ddp
         self.scoring: UnitByUnitScorer | None = None
         in_optimizer = [p for group in optimizer.param_groups for p in group["params"]]
         in_units = {id(p) for unit in units.all for p in unit.params}
@@ -161,6 +225,13 @@ class InBackwardStepBackend:
         self._lr_scale = 1.0
         self._order = list(reversed(range(len(self._groups))))  # expected backward order (for prefetch)
         self._position = {group: i for i, group in enumerate(self._order)}
+        # Parameters DDP reduces (trainable when it was built, not ignored): stepped from its buckets.
+        self._managed: set[int] = set()
+        if ddp is not None:
+            ignored = getattr(ddp, "parameters_to_ignore", ())
+            self._managed = {id(p) for n, p in ddp.module.named_parameters() if p.requires_grad and n not in ignored}
+        self._bridge: _BucketBridge | None = None
+        self.counts = {"backward": 0, "step": 0}  # units updated in backward, and at optimizer.step()
         self._new_step()
 
     def _new_step(self) -> None:
@@ -171,6 +242,12 @@ class InBackwardStepBackend:
         self._prefetched: set[int] = set()
         self._queued = False
         self._norms: dict[int, torch.Tensor] = {}  # id(param) -> 2-norm of the gradient it was stepped with
+        # Under DDP: parameters whose local gradient arrived, buckets launched and not yet taken
+        # (future, parameters, gradient views), averaged gradients taken (id -> (param, bucket view)).
+        self._arrived: set[int] = set()
+        self._buckets: list[tuple[Any, list[torch.Tensor], list[torch.Tensor]]] = []
+        self._reduced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._launched = False
 
     # ---------------------------------------------------------------- wiring
     def scorer_for(self, built: Built) -> Built:
@@ -195,9 +272,14 @@ class InBackwardStepBackend:
                 for param in self._frozen:
                     param.grad = None
                 self._flush()
-                for index, (_, params) in enumerate(self._groups):  # units whose gradients never completed
+                self._take_buckets(wait=True)
+                # Units whose gradients never completed in backward; under DDP also those with a
+                # parameter unused on this process (DDP has now given it the average, or no gradient).
+                for index, (_, params) in enumerate(self._groups):
                     if index not in self._done and (index in self._scored or any(p.grad is not None for p in params)):
-                        self._step_group(index)
+                        self._step_group(index, at_step=True)
+                for param, _ in self._reduced.values():  # bucket views left for DDP's finalization
+                    param.grad = None
                 before_step()
             except BaseException:
                 self._abandon()
@@ -219,9 +301,15 @@ class InBackwardStepBackend:
         ]
         if self.paging is not None:
             self.paging.install(step_hooks=False)  # the units are stepped here
+        if self.ddp is not None:
+            self._bridge = _BucketBridge.of(self.ddp)
+            self._bridge.backend = self
         _CLIP_GUARD.add(self)
 
     def remove(self) -> None:
+        if self._bridge is not None:  # DDP keeps the hook: it averages as DDP's own from now on
+            self._bridge.backend = None
+            self._bridge = None
         _CLIP_GUARD.discard(self)
         for handle in self._handles:
             handle.remove()
@@ -238,7 +326,8 @@ class InBackwardStepBackend:
 
     def views(self, units: Sequence[UnitParams]) -> list[UnitView]:
         # Gradients are gone: the scorer saw them unit by unit in backward.
-        return [UnitView(name=name, weights=[p.detach() for p in params], grads=[p.grad for p in params]) for name, params in units]
+        return [UnitView(name=name, weights=[p.detach() for p in params], grads=[p.grad for p in params])
+                for name, params in units]
 
     def grad_norm(self, parameters: Sequence[torch.Tensor]) -> torch.Tensor:
         """The 2-norm of ``parameters``' gradients in this step, those already stepped in backward
@@ -272,11 +361,22 @@ class InBackwardStepBackend:
                 f"first; call optimizer.step() after every backward, {_USE_DEFAULT}."
             )
         self._flush()  # the previous unit: every hook on its last gradient has run
+        self._take_buckets()
+        if key in self._managed:  # stepped once its bucket is averaged
+            self._arrived.add(key)
+        else:
+            self._mark_usable(key)
+        self._queue_end_of_backward()
+
+    def _mark_usable(self, key: int) -> None:
+        """``key``'s gradient is final: its unit is stepped once all its trained parameters' are."""
         index = self._group_of[key]
         ready = self._ready.setdefault(index, set())
         ready.add(key)
         if all(id(p) in ready for p in self._groups[index][1] if p.requires_grad):
             self._pending.append(index)
+
+    def _queue_end_of_backward(self) -> None:
         if not self._queued:
             self._queued = True
             Variable._execution_engine.queue_callback(self._end_of_backward)
@@ -284,12 +384,51 @@ class InBackwardStepBackend:
     def _end_of_backward(self) -> None:
         self._queued = False
         self._flush()
+        if self.ddp is not None and not self._launched and self._arrived:
+            self._abandon()
+            raise IntegrationError(
+                f"{_KEY}: backward ran under DDP without reducing any bucket (model.no_sync(), or a forward that "
+                "bypassed the DDP wrapper), so the units would be updated with this process's gradients alone; "
+                f"call backward outside no_sync, through the DDP model, {_USE_DEFAULT}."
+            )
+        self._take_buckets(wait=True)  # DDP's own finalization runs after this callback
+
+    # ---------------------------------------------------------------- DDP buckets
+    def bucket_launched(self, future: Any, bucket: Any) -> None:
+        """DDP started averaging ``bucket`` (``_reduce_bucket``): the local gradients of the
+        parameters stepped here are released (the bucket holds their copy)."""
+        self._launched = True
+        params, grads = bucket.parameters(), bucket.gradients()
+        for param in params:
+            if id(param) in self._arrived and id(param) in self._group_of:
+                param.grad = None
+        self._buckets.append((future, params, grads))
+        self._queue_end_of_backward()
+        self._take_buckets()
+
+    def _take_buckets(self, wait: bool = False) -> None:
+        """Take the averaged gradients of the buckets reduced so far, in launch order (all of
+        them with ``wait``), and step the units they complete. A parameter unused on this
+        process is left to DDP, which gives it the average when another process used it."""
+        while self._buckets:
+            future, params, grads = self._buckets[0]
+            if not wait and not future.done():
+                return
+            self._buckets.pop(0)
+            future.wait()  # raises if the all-reduce failed; on CUDA, orders this stream after it
+            for param, grad in zip(params, grads):
+                key = id(param)
+                if key in self._arrived and key in self._group_of:
+                    param.grad = grad
+                    self._reduced[key] = (param, grad)
+                    self._mark_usable(key)
+            self._flush()
 
     def _flush(self) -> None:
         while self._pending:
             self._step_group(self._pending.pop(0))
 
-    def _step_group(self, index: int) -> None:
+    def _step_group(self, index: int, at_step: bool = False) -> None:
         name, params = self._groups[index]
         if index in self._scored and self.scoring is not None:
             self.scoring.unit_ready(UnitView(name=name, weights=[p.detach() for p in params], grads=[p.grad for p in params]))
@@ -297,11 +436,15 @@ class InBackwardStepBackend:
         for param in stepped:  # for grad_norm(): one scalar per parameter, on its device
             self._norms[id(param)] = torch.linalg.vector_norm(param.grad, 2.0, dtype=torch.float32)
         if stepped:
+            self.counts["step" if at_step else "backward"] += 1
             with scaled_lr(self.optimizer.param_groups, self._lr_scale):
                 if self.paging is not None:
                     self.paging.step_params(stepped)
                 else:
                     _update_alone(self.optimizer, stepped)
+        for param in stepped:  # DDP's finalization copies each bucket into .grad: onto itself, not a new tensor
+            if id(param) in self._reduced:
+                param.grad = self._reduced[id(param)][1]
         self._stepped.update(id(p) for p in params)
         self._done.append(index)
         self._prefetch_after(index)
@@ -325,6 +468,36 @@ class InBackwardStepBackend:
             self.scoring.forget()
         if self.paging is not None:
             self.paging.drop_prefetched()
+
+
+class _BucketBridge:
+    """The state of SlimFit's DDP communication hook, one per DDP model (DDP takes one hook, for
+    good): the process group and the backend stepping from the buckets, None once detached."""
+
+    def __init__(self, group: Any):
+        self.group = group
+        self.backend: InBackwardStepBackend | None = None
+
+    @classmethod
+    def of(cls, ddp: torch.nn.parallel.DistributedDataParallel) -> "_BucketBridge":
+        bridge = getattr(ddp, "_slimfit_bucket_bridge", None)
+        if bridge is None:
+            bridge = ddp._slimfit_bucket_bridge = cls(ddp.process_group)
+            ddp.register_comm_hook(bridge, _reduce_bucket)
+        return bridge
+
+
+def _reduce_bucket(state, bucket):  # no annotations: DDP checks them against its own types
+    """DDP's averaging exactly as it runs without a hook (each gradient times 1/world size, then
+    an all-reduce sum), the bucket handed to the backend stepping in backward."""
+    import torch.distributed as dist
+
+    buffer = bucket.buffer()
+    buffer.mul_(1.0 / state.group.size())
+    future = dist.all_reduce(buffer, group=state.group, async_op=True).get_future()
+    if state.backend is not None:
+        state.backend.bucket_launched(future, bucket)
+    return future.then(lambda done: done.value()[0])
 
 
 def _refuse_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:

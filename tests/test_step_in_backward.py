@@ -208,22 +208,6 @@ def test_fp16_accelerator_is_refused():
         slimfit.attach(accelerator, model, torch.optim.AdamW(model.parameters()))
 
 
-def test_ddp_is_refused(monkeypatch):
-    import torch.distributed as dist
-
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29531")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        slimfit = SlimFit.from_config({**BASE, "optimizer_step": "in_backward", "optimizer_paging": True})
-        model = slimfit.prepare_model(tiny_llama())
-        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-        with pytest.raises(IntegrationError, match="under DDP .* the gradient hooks fire before the gradients are averaged"):
-            slimfit.attach(None, ddp, torch.optim.AdamW(ddp.parameters()))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_deepspeed_is_refused():
     from accelerate.utils import DistributedType
 

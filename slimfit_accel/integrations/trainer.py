@@ -162,7 +162,8 @@ class SlimFitCallback(TrainerCallback, ExportableState):
 class _TrainerAccelerator:
     """What ``SlimFit.attach`` reads from an Accelerator, for the Trainer's own (callbacks are not
     given it): the distributed setup from Accelerate's shared state and, under DeepSpeed, the
-    engine that wraps ``model``."""
+    engine that wraps ``model``; under DDP the DDP wrapper (``ddp_model``: the step in backward
+    takes the averaged gradients from its buckets)."""
 
     def __init__(self, model: nn.Module):
         from accelerate.state import PartialState
@@ -173,6 +174,8 @@ class _TrainerAccelerator:
         self.num_processes = state.num_processes
         if self.distributed_type == DistributedType.DEEPSPEED:
             self.deepspeed_engine_wrapped = SimpleNamespace(engine=_deepspeed_engine(model))
+        elif self.num_processes > 1:
+            self.ddp_model = _ddp_wrapper(model)
 
     def register_for_checkpointing(self, *objects: Any) -> None:
         """Not needed: the Trainer saves no ``accelerator.save_state``; the SlimFit state goes into
@@ -188,6 +191,14 @@ def _deepspeed_engine(model: nn.Module) -> Any:
         if isinstance(obj, DeepSpeedEngine) and obj.module is model:
             return obj
     raise IntegrationError("SlimFitCallback: the Trainer runs DeepSpeed but no DeepSpeed engine wraps its model")
+
+
+def _ddp_wrapper(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The DDP that wraps ``model`` (the Trainer keeps it as ``model_wrapped``), if any."""
+    for obj in gc.get_objects():
+        if isinstance(obj, nn.parallel.DistributedDataParallel) and obj.module is model:
+            return obj
+    return None
 
 
 def _check_ddp(args: Any, model: nn.Module) -> None:
