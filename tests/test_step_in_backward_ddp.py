@@ -50,6 +50,7 @@ def test_two_processes_bit_identical_to_the_ordinary_ddp_step(tmp_path):
                 assert variant["left"][1] == 0  # no gradient of its own left for optimizer.step()
         resident = rank["variants"]["resident"]
         assert resident["buckets"] > 3  # small buckets: units released bucket by bucket
+        assert rank["variants"]["paging_blocks"]["spans"] > 1  # a block unit waits for several buckets
         assert rank["variants"]["paging_masters"]["masters"] > 0
         for name in ("resident", "paging_blocks", "paging_masters"):  # the meter's peak of live gradients
             ordinary, in_backward = rank["variants"][name]["peak_grads"]

@@ -88,6 +88,8 @@ def train(variant: str, optimizer_step: str) -> dict:
             optimizer.zero_grad(set_to_none=True)
     peak_grads, counts = slimfit.report().memory.peak.grads, dict(getattr(backend, "counts", {}))
     scores = slimfit.controller.scores.clone()
+    bucket_of = {id(p): i for i, b in enumerate(model.reducer._get_zeros_like_grad_buckets()) for p in b.parameters()}
+    spans = max(len({bucket_of[id(p)] for p in unit.params}) for unit in slimfit.units.all)  # buckets a unit spans
     masters = [m.host.clone() for m in slimfit.master_weights] if slimfit.master_weights is not None else []
     slimfit.detach()
     if not slimfit.config.master_weights:  # detached, DDP trains as ever (SlimFit's hook stays, plain)
@@ -101,7 +103,7 @@ def train(variant: str, optimizer_step: str) -> dict:
     result = {
         "decisions": decisions, "scores": scores, "weights": [p.detach().clone() for p in params],
         "state": state, "masters": masters, "left": left, "peak_grads": peak_grads,
-        "buckets": len(model.reducer._get_zeros_like_grad_buckets()), "counts": counts,
+        "buckets": len(set(bucket_of.values())), "spans": spans, "counts": counts,
     }
     return result
 
@@ -144,6 +146,7 @@ def main_loop(out: Path, names: list[str]) -> None:
             "left": [max(ordinary["left"]), max(in_backward["left"])],
             "peak_grads": [ordinary["peak_grads"], in_backward["peak_grads"]],
             "buckets": in_backward["buckets"],
+            "spans": in_backward["spans"],
             "counts": in_backward["counts"],
             "checksum": float(sum(w.double().sum() for w in in_backward["weights"])),
         }
