@@ -26,12 +26,13 @@ Fake tensors have no data, so a few things are supplied (``shape_only``):
 
 Steady state (as ``benchmarks/memory.py`` measures it): arms built on SlimFit start with AdamW
 state for every parameter (resident, or paged to host); under optimizer paging the step is
-also bounded by the largest the config allows (``worst_case_step``).
+also bounded by the largest the config allows (``worst_case_step``), and with
+``frozen_weights: int8`` the weights by the largest set of full-precision copies a step can
+train (``worst_case_weights``).
 
-Not measured, by formula (labelled so in the table): the working set (temporaries the meter
-does not count: the logits of a causal LM's forward and their fp32 upcast, or one chunk's with
-chunked loss), and the arm ``slimfit_8bit_frozen`` (frozen weights kept in int8 with a scale per
-row on the device: not in the library yet; estimated from ``slimfit_best``'s run).
+Not measured, by formula: the working set (temporaries the meter does not count: the logits of
+a causal LM's forward and their fp32 upcast, or one chunk's with chunked loss; also one layer's
+dequantised weight under ``frozen_weights: int8``).
 
 Example::
 
@@ -63,7 +64,7 @@ GPU_SIZES_GB = (12, 16, 24, 48)
 #: What the CUDA context and allocator take before any tensor (a typical figure, not measured).
 CUDA_RESERVE = GiB // 2
 ARMS = ("full", "full_pure_bf16", "full_checkpointing", "lora", "slimfit_default", "slimfit_best", "slimfit_8bit_frozen")
-FORMULA_ARMS = ("slimfit_8bit_frozen",)
+FORMULA_ARMS: tuple[str, ...] = ()  # every arm runs (slimfit_8bit_frozen too, since frozen_weights: int8 exists)
 
 
 # ------------------------------------------------------------------------- fake execution
@@ -461,9 +462,18 @@ def arm_slimfit_best(setup: Setup) -> Arm:
     return slimfit_arm(setup, slimfit_best_config(setup), note=", ".join(parts))
 
 
+def arm_slimfit_8bit_frozen(setup: Setup) -> Arm:
+    """``slimfit_best`` with ``frozen_weights: int8``: schedulable matrices as int8 codes + fp32 row
+    scales on the device, a step's trained ones also in full precision while they train."""
+    config = slimfit_best_config(setup)
+    config["frozen_weights"] = "int8"
+    return slimfit_arm(setup, config, note="as slimfit_best, frozen weights int8 + fp32 row scales (frozen_weights: int8)")
+
+
 ARM_BUILDERS: dict[str, Callable[[Setup], Arm]] = {
     "full": arm_full, "full_pure_bf16": arm_full_pure_bf16, "full_checkpointing": arm_full_checkpointing,
     "lora": arm_lora, "slimfit_default": arm_slimfit_default, "slimfit_best": arm_slimfit_best,
+    "slimfit_8bit_frozen": arm_slimfit_8bit_frozen,
 }
 
 
@@ -473,7 +483,7 @@ class ArmEstimate:
     """Device bytes of one arm at its steady state, by category (see ``CATEGORY_LABELS``)."""
 
     name: str
-    method: str  # "fake-tensor run" or "formula"
+    method: str  # "fake-tensor run"
     note: str
     weights: int
     gradients: int
@@ -523,6 +533,10 @@ def run_arm(setup: Setup, name: str, builder: Callable[[Setup], Arm] | None = No
         peak = {k: max(getattr(m, k) for m in measured) for k in
                 ("params", "grads", "optimizer", "activations", "activations_raw", "total", "optimizer_paged", "master_paged")}
         total = peak["total"]
+        if arm.slimfit is not None and arm.slimfit.frozen_int8 is not None:
+            worst_weights = worst_case_weights(arm.slimfit)
+            total += max(0, worst_weights - peak["params"])
+            peak["params"] = max(peak["params"], worst_weights)
         if arm.slimfit is not None and arm.slimfit.controller.backend.paging is not None:
             worst_grads, worst_chunk = worst_case_step(arm.slimfit, arm.optimizer, cuda=setup.device == "cuda")
             total = max(total + max(0, worst_grads - peak["grads"]), peak["params"] + worst_grads + worst_chunk)
@@ -582,6 +596,30 @@ def worst_case_step(slimfit: Any, optimizer: torch.optim.Optimizer, cuda: bool =
     return grads, chunk_state * (2 if cuda else 1)
 
 
+def worst_case_weights(slimfit: Any) -> int:
+    """Device bytes of the weights one step may hold at most under ``frozen_weights: int8``: every
+    weight as it is between steps (int8 codes and scales of the stored ones, the rest as they are)
+    plus full-precision copies of the most stored weights a step can train: ILS ``budget:
+    parameters`` trains at most its budget, other schedulers the largest units, as many as they
+    pick (``benchmarks/memory.py`` uses it too)."""
+    from .memory import parameter_bytes
+
+    store = slimfit.frozen_int8
+    if any(s.materialised for s in store.weights):
+        raise RuntimeError("worst_case_weights is measured between steps (no weight materialised)")
+    between = parameter_bytes(slimfit.model)
+    full = {id(s.param): s.param.numel() * s.param.element_size() for s in store.weights}
+    strategy = slimfit.controller.scheduler.strategy
+    size = store.weights[0].param.element_size() if store.weights else 0
+    if getattr(strategy, "budget", "units") == "parameters":
+        trained = min(strategy.step_budget([u.numel for u in slimfit.units.schedulable]) * size, sum(full.values()))
+    else:
+        picked = len(slimfit.controller.trainable)
+        largest = sorted(slimfit.units.schedulable, key=lambda u: u.numel, reverse=True)[:picked]
+        trained = sum({id(p): full.get(id(p), 0) for u in largest for p in u.params}.values())  # a tied weight once
+    return between + trained
+
+
 def _step_numel(param: torch.Tensor, sliced: bool) -> int:
     """Elements of ``param`` the step holds at once: one row when large ones are stepped by rows."""
     return math.prod(param.shape[1:]) if sliced and param.dim() else param.numel()
@@ -611,37 +649,6 @@ def working_set(setup: Setup, arm: Arm) -> int:
     return tokens * vocab * (compute + 4)
 
 
-def frozen_8bit_from(best: ArmEstimate, setup: Setup) -> ArmEstimate:
-    """``slimfit_8bit_frozen`` by formula from ``slimfit_best``'s run (not in the library yet):
-    every schedulable unit's weight kept in int8 with one fp32 scale per row on the device; the
-    units a step trains (its budget) also in the model dtype while they train; the rest
-    (always-trained, biases, norms, never-scheduled parameters) as in ``slimfit_best``."""
-    from .slimfit import SlimFit
-
-    with shape_only():
-        slimfit = SlimFit.from_config(best.slimfit_config)
-        model = slimfit.prepare_model(setup.build_model())
-        if slimfit.master_weights is None and setup.bf16:
-            model.to(torch.bfloat16)
-        units = slimfit.units.schedulable
-        matrices = [p for u in units for p in u.params if p.dim() >= 2]
-        int8 = sum(p.numel() + p.shape[0] * 4 for p in matrices)
-        kept = best.weights - sum(p.numel() * p.element_size() for p in matrices)
-        element = matrices[0].element_size() if matrices else 2
-        strategy = slimfit.scheduler.strategy
-        budget = strategy.step_budget([u.numel for u in units]) if hasattr(strategy, "step_budget") else 0
-        slimfit.detach() if slimfit.controller is not None else None
-    weights = int8 + kept + budget * element
-    saved = best.weights - weights
-    result = copy.deepcopy(best)
-    result.name, result.method = "slimfit_8bit_frozen", "formula"
-    result.note = f"as slimfit_best, frozen weights int8 + fp32 row scales, the step's {budget:,d} trained parameters also in {'bf16' if element == 2 else 'fp32'}"
-    result.weights = weights
-    result.meter_total = best.meter_total - saved
-    result.device_total = best.device_total - saved
-    return result
-
-
 def gpu_fits(device_total: int) -> dict[str, bool]:
     """Which GPUs (N GB cards hold N GiB) it fits, leaving ``CUDA_RESERVE`` for the context."""
     return {f"{gb}GB": device_total + CUDA_RESERVE <= gb * GiB for gb in GPU_SIZES_GB}
@@ -654,14 +661,11 @@ def estimate(setup: Setup, arms: list[str] | None = None, progress: Callable[[st
     if unknown:
         raise ConfigError(f"--arms: unknown {', '.join(unknown)}; choose from {', '.join(ARMS)}")
     results: dict[str, ArmEstimate] = {}
-    need_best = "slimfit_8bit_frozen" in arms and "slimfit_best" not in arms
-    for name in [a for a in arms if a not in FORMULA_ARMS] + (["slimfit_best"] if need_best else []):
+    for name in arms:
         start = time.perf_counter()
         results[name] = run_arm(setup, name)
         if progress is not None:
             progress(f"{name}: {format_gib(results[name].device_total)} ({time.perf_counter() - start:.1f} s)")
-    if "slimfit_8bit_frozen" in arms:
-        results["slimfit_8bit_frozen"] = frozen_8bit_from(results["slimfit_best"], setup)
     out = [results[a] for a in arms]
     for result in out:
         result.fits = gpu_fits(result.device_total)
@@ -687,7 +691,7 @@ def render(setup: Setup, results: list[ArmEstimate]) -> str:
     for r in results:
         cells = [f"{getattr(r, key) / GiB:.2f}" for key in CATEGORY_LABELS]
         fits = ", ".join(k for k, ok in r.fits.items() if ok) or "none of " + "/".join(map(str, GPU_SIZES_GB)) + " GB"
-        table.add_row(r.name + (" (formula)" if r.method == "formula" else ""), *cells, fits)
+        table.add_row(r.name, *cells, fits)
     out = Console(width=220, force_terminal=False, color_system=None, record=True, file=open("/dev/null", "w"))
     out.print(table)
     notes = [f"  {r.name}: {r.note}" for r in results]
