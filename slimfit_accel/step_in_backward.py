@@ -45,7 +45,7 @@ which is the same only for a power-of-two world size).
 Refused, with the reason, because an update in backward cannot wait for all gradients:
 gradient accumulation (``gradient_accumulation_steps > 1`` at attach or Trainer start; a second
 backward before ``optimizer.step()`` at that backward; a backward under DDP's ``no_sync``, or
-through the bare module, at the end of that backward), gradient clipping (``torch.nn.utils`` and
+through the bare module, at the end of that backward; DDP's ``join()``, at the first bucket), gradient clipping (``torch.nn.utils`` and
 ``Accelerator`` ``clip_grad_norm_``/``clip_grad_value_`` raise when given a parameter stepped in
 backward; the Trainer's ``max_grad_norm > 0`` at start), fp16 loss scaling (a GradScaler needs every
 gradient for its inf check: Accelerate's fp16 at attach, a scaler handing a fused optimizer its scale
@@ -474,15 +474,16 @@ class _BucketBridge:
     """The state of SlimFit's DDP communication hook, one per DDP model (DDP takes one hook, for
     good): the process group and the backend stepping from the buckets, None once detached."""
 
-    def __init__(self, group: Any):
-        self.group = group
+    def __init__(self, ddp: torch.nn.parallel.DistributedDataParallel):
+        self.group = ddp.process_group
+        self.ddp = weakref.ref(ddp)
         self.backend: InBackwardStepBackend | None = None
 
     @classmethod
     def of(cls, ddp: torch.nn.parallel.DistributedDataParallel) -> "_BucketBridge":
         bridge = getattr(ddp, "_slimfit_bucket_bridge", None)
         if bridge is None:
-            bridge = ddp._slimfit_bucket_bridge = cls(ddp.process_group)
+            bridge = ddp._slimfit_bucket_bridge = cls(ddp)
             ddp.register_comm_hook(bridge, _reduce_bucket)
         return bridge
 
@@ -492,6 +493,13 @@ def _reduce_bucket(state, bucket):  # no annotations: DDP checks them against it
     an all-reduce sum), the bucket handed to the backend stepping in backward."""
     import torch.distributed as dist
 
+    ddp = state.ddp()
+    if state.backend is not None and ddp is not None and ddp._join_config.enable:
+        raise IntegrationError(
+            f"{_KEY}: DDP's join() averages over the processes not yet joined and shadows the others' "
+            f"all-reduces, so the buckets the units are stepped from are not DDP's plain average; "
+            f"train without join() (equal batches on every process), {_USE_DEFAULT}."
+        )
     buffer = bucket.buffer()
     buffer.mul_(1.0 / state.group.size())
     future = dist.all_reduce(buffer, group=state.group, async_op=True).get_future()

@@ -123,11 +123,15 @@ def test_one_process_ddp_equals_the_ordinary_step_and_detach_leaves_plain_ddp(pr
     slimfit.detach()
 
 
-def test_no_sync_is_refused_at_backward(process_group):
+def test_no_sync_and_join_are_refused_at_backward(process_group):
     slimfit, ddp, opt = ddp_run("in_backward", steps=1)
     with slimfit.step(), ddp.no_sync():
         with pytest.raises(IntegrationError, match="backward ran under DDP without reducing any bucket .*no_sync"):
             ddp(**lm_batch(1)).loss.backward()
+    opt.zero_grad(set_to_none=True)
+    with slimfit.step(), ddp.join():
+        with pytest.raises(IntegrationError, match="DDP's join\\(\\) averages over the processes not yet joined"):
+            ddp(**lm_batch(2)).loss.backward()
 
 
 def test_a_communication_hook_and_ddp_settings_that_change_reduction_are_refused(process_group):
