@@ -149,8 +149,9 @@ class SlimFitConfig(BaseModel):
     ``optimizer.step()``; ``in_backward`` updates each trained unit as soon as backward has
     completed its gradient and releases that gradient, so a step holds a few units' gradients
     instead of all of them (``step_in_backward.py``); bit-identical for AdamW and every
-    ``torch.optim`` optimizer but LBFGS. One process only, no gradient accumulation, clipping,
-    fp16 loss scaling or closures: each is refused with the reason. Composes with
+    ``torch.optim`` optimizer but LBFGS. One process or DDP (each unit stepped once DDP has
+    averaged its buckets); no DeepSpeed or FSDP, gradient accumulation (nor DDP's ``no_sync``),
+    clipping, fp16 loss scaling or closures: each is refused with the reason. Composes with
     ``optimizer_paging`` and ``master_weights: host``.
 
     ``checkpointing``: frozen-aware activation checkpointing of transformer blocks (see
