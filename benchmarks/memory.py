@@ -9,7 +9,14 @@ freezing plus the default compression; ``slimfit_default``: the packaged default
 ``slimfit_default_ratio``: that config with ``--freeze-ratio``; ``slimfit_best``: that config
 with ``--freeze-ratio``, block checkpointing and optimizer paging;
 on CUDA also activation offloading (saved tensors moved to pinned host memory, as torchtune and
-TRL do). Every arm gets a fresh model from the same seed and the same random token ids; bytes
+TRL do); ``slimfit_int8``: ``slimfit_best`` with ``frozen_weights: int8`` (frozen matrices as int8
+codes + fp32 row scales on the device).
+
+``--precision bf16`` runs the arms a bf16 user compares (``BF16_ARMS``): ``full_amp``
+(Accelerate's bf16 mixed precision: fp32 weights, master and AdamW state, bf16 autocast),
+``full_bf16`` (pure bf16 weights and AdamW state, torchtune style), ``full_checkpointing``,
+``lora``, ``badam``, ``slimfit_default``, ``slimfit_best`` (bf16 weights, fp32 masters on host) and
+``slimfit_int8``; every forward under bf16 autocast, a Llama decoder's loss over its vocabulary. Every arm gets a fresh model from the same seed and the same random token ids; bytes
 come from ``slimfit_accel.memory.MemoryMeter`` (exact tensor sizes, followed over time: the
 total is the largest sum at any moment of a step), the figures of an arm are the largest over
 its measured steps, and the step time is their mean.
@@ -70,7 +77,10 @@ PACKAGES = {"transformers": ("transformers", "recipes"), "peft": ("peft", "bench
             "galore_torch": ("galore-torch", "bench")}
 #: What every arm imports (the models).
 BASE_REQUIRES = ("transformers",)
-ARMS = ["full", "full_checkpointing", "lora", "lisa", "badam", "galore", "slimfit_freeze", "slimfit_compress", "slimfit_default", "slimfit_default_ratio", "slimfit_best"]
+ARMS = ["full", "full_checkpointing", "lora", "lisa", "badam", "galore", "slimfit_freeze", "slimfit_compress", "slimfit_default", "slimfit_default_ratio", "slimfit_best", "slimfit_int8"]
+#: The arms ``--precision bf16`` runs by default (issue 17's table); the first two only exist in bf16.
+BF16_ARMS = ["full_amp", "full_bf16", "full_checkpointing", "lora", "badam", "slimfit_default", "slimfit_best", "slimfit_int8"]
+BF16_ONLY = ["full_amp", "full_bf16"]
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "slimfit_accel" / "configs" / "demo.yaml"
 CUDA_ARMS = ["full_offload"]
 
@@ -168,6 +178,19 @@ def arm_full(args, device):
     return model, optimizer, MemoryMeter(model, optimizer), None, None, False
 
 
+def arm_full_amp(args, device):
+    """Accelerate's ``mixed_precision="bf16"``: fp32 weights (their own masters) and fp32 AdamW
+    state, the forward under bf16 autocast (``run_arm`` enters it for every arm in bf16)."""
+    return arm_full(args, device)
+
+
+def arm_full_bf16(args, device):
+    """Pure bf16 training (torchtune style): bf16 weights, gradients and AdamW state, no fp32 copy."""
+    model = build_model(args, device).to(torch.bfloat16)
+    optimizer = adamw(model.parameters())
+    return model, optimizer, MemoryMeter(model, optimizer), None, None, False
+
+
 def arm_full_checkpointing(args, device):
     model = build_model(args, device)
     # Reentrant checkpointing saves the block inputs through autograd and recomputes each block
@@ -199,10 +222,13 @@ def arm_lora(args, device):
 @requires("badam")
 def arm_badam(args, device):
     """BAdam from its package: one block trains at a time (switched every 100 steps, as in its
-    paper), the head always; Adam state for that block only, plus BAdam's fp32 copy of it."""
+    paper), the head always; Adam state for that block only, plus BAdam's fp32 copy of it. Under
+    ``--precision bf16`` the model is bf16, as BAdam expects."""
     from badam import BlockOptimizer
 
     model = build_model(args, device)
+    if args.precision == "bf16":  # as BAdam is meant to run: a bf16 model, its fp32 copy of the active block only
+        model = model.to(torch.bfloat16)
     blocks = block_prefixes(model, args)
     base = torch.optim.AdamW(model.parameters(), lr=1e-5)
     optimizer = BlockOptimizer(
@@ -307,12 +333,24 @@ def arm_slimfit_default_ratio(args, device):
 def arm_slimfit_best(args, device):
     """The default config with ``--freeze-ratio``, every block checkpointed and optimizer paging; for
     the Llama decoder also the chunked loss, and under ``--precision bf16`` fp32 masters on host."""
+    return _slimfit_arm(args, device, _slimfit_best_config(args))
+
+
+def _slimfit_best_config(args) -> dict:
     config = _default_config_at_ratio(args)
     config.update(checkpointing={"blocks": "all"}, optimizer_paging=True, compression="slimfit")
     if args.model == "llama":  # no logits kept, 256 tokens a chunk (as slimfit_accel.estimate's slimfit_best)
         config["chunked_loss"] = {"chunk_size": 256}
     if args.precision == "bf16":  # bf16 weights on the device, fp32 masters on host
         config["master_weights"] = "host"
+    return config
+
+
+def arm_slimfit_int8(args, device):
+    """``slimfit_best`` with ``frozen_weights: int8``: every schedulable matrix held on the device as
+    int8 codes + fp32 row scales, a step's trained ones also in full precision while they train."""
+    config = _slimfit_best_config(args)
+    config["frozen_weights"] = "int8"
     return _slimfit_arm(args, device, config)
 
 
@@ -324,7 +362,7 @@ def arm_full_offload(args, device):
     return model, optimizer, MemoryMeter(model, optimizer, engine), engine.step, engine.detach, False
 
 
-ARM_BUILDERS: dict[str, Callable] = {name: globals()[f"arm_{name}"] for name in ARMS + CUDA_ARMS}
+ARM_BUILDERS: dict[str, Callable] = {name: globals()[f"arm_{name}"] for name in ARMS + BF16_ONLY + CUDA_ARMS}
 
 
 def is_installed(module: str) -> bool:
@@ -394,13 +432,17 @@ def run_arm(name: str, args: argparse.Namespace, batch_size: int, device: torch.
     # largest it can be (``worst_case_step``), and the gradient shortfall is added to the peak.
     slimfit = SLIMFIT_OF.pop(id(meter), None)
     paging = slimfit.controller.backend.paging if slimfit is not None else None
-    grads_extra = 0
-    steady_total = peak["total"]
+    grads_extra = weights_extra = 0
+    if slimfit is not None and slimfit.frozen_int8 is not None:  # a step may train more than the ones measured
+        from slimfit_accel.estimate import worst_case_weights
+
+        weights_extra = max(0, worst_case_weights(slimfit) - peak["params"])
+    steady_total = peak["total"] + weights_extra
     if paging is not None:
         worst_grads, worst_chunk = worst_case_step(slimfit, optimizer, device)
         grads_extra = max(0, worst_grads - peak["grads"])
-        step_bound = peak["params"] + worst_grads + worst_chunk
-        steady_total = max(peak["total"] + grads_extra, step_bound)
+        step_bound = peak["params"] + weights_extra + worst_grads + worst_chunk
+        steady_total = max(peak["total"] + weights_extra + grads_extra, step_bound)
     full_state = peak["optimizer"] + peak["optimizer_paged"]
     result = {
         "name": name,
@@ -421,6 +463,7 @@ def run_arm(name: str, args: argparse.Namespace, batch_size: int, device: torch.
             "optimizer_host_bytes": peak["optimizer_paged"],
             "total_bytes": steady_total,
             "gradients_worst_case_extra_bytes": grads_extra,
+            "weights_worst_case_extra_bytes": weights_extra,  # frozen_weights: int8: more trained copies than measured
         },
         "by_compressor": meter.summary().by_compressor,
     }
@@ -441,7 +484,7 @@ def render_table(arms: list[dict[str, Any]], width: int = 190) -> str:
     out = Console(width=width, force_terminal=False, color_system=None, record=True, file=open(os.devnull, "w"))
     for batch_size in sorted({a["batch"] for a in arms}):
         rows = [a for a in arms if a["batch"] == batch_size]
-        full = next((a for a in rows if a["name"] == "full"), None)
+        full = next((a for a in rows if a["name"] == "full"), None) or next((a for a in rows if a["name"] == "full_amp"), None)
         table = Table(title=f"batch {batch_size}: bytes by category (x = full fine-tuning / arm)", header_style="bold")
         columns = ("arm", "params", "grads", "optimizer", "act. raw", "act. stored", "act. x", "total", "total x",
                    "steady opt.", "steady total", "steady x", "step s", "time / full")
@@ -492,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--galore-rank", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps per arm")
     parser.add_argument("--steps", type=int, default=2, help="measured steps per arm")
-    parser.add_argument("--arms", nargs="+", default=None, help=f"subset of {ARMS + CUDA_ARMS}")
+    parser.add_argument("--arms", nargs="+", default=None,
+                        help=f"subset of {ARMS + BF16_ONLY + CUDA_ARMS} (default: all; with --precision bf16: {BF16_ARMS})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=None,
@@ -500,10 +544,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    arms = args.arms or (ARMS + (CUDA_ARMS if device.type == "cuda" else []))
+    arms = args.arms or ((BF16_ARMS if args.precision == "bf16" else ARMS) + (CUDA_ARMS if device.type == "cuda" else []))
     unknown = set(arms) - set(ARM_BUILDERS)
     if unknown:
-        parser.error(f"unknown arms {sorted(unknown)}; choose from {ARMS + CUDA_ARMS}")
+        parser.error(f"unknown arms {sorted(unknown)}; choose from {ARMS + BF16_ONLY + CUDA_ARMS}")
+    if args.precision != "bf16" and set(arms) & set(BF16_ONLY):
+        parser.error(f"arms {sorted(set(arms) & set(BF16_ONLY))} compare bf16 training: add --precision bf16")
     missing = missing_packages(arms)
     if missing:  # before the first arm: not after an hour of the others
         print(f"error: {missing} (or leave those arms out with --arms)", file=sys.stderr)

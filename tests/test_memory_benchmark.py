@@ -49,6 +49,28 @@ def test_memory_benchmark_default_config_saves_at_steady_state(tmp_path, model):
     assert arms["slimfit_best"]["steady_state"]["total_bytes"] < arms["full_checkpointing"]["steady_state"]["total_bytes"]
 
 
+def test_bf16_arms_of_issue_17_run_and_int8_frozen_weights_hold_the_least(tmp_path):
+    """``--precision bf16`` runs every arm a bf16 user compares (its default list), on a tiny Llama
+    with a tied vocabulary: pure bf16 weights are half of Accelerate's fp32 ones, and frozen
+    weights in int8 hold fewer weight bytes and less in total than slimfit_best."""
+    bench = load_benchmark()
+    assert bench.BF16_ARMS == ["full_amp", "full_bf16", "full_checkpointing", "lora", "badam", "slimfit_default",
+                               "slimfit_best", "slimfit_int8"]
+    arms = run_benchmark(tmp_path, "--model", "llama", "--precision", "bf16", "--tie-embeddings", "--freeze-ratio", "0.8")
+    assert list(arms) == bench.BF16_ARMS
+    assert arms["full_bf16"]["bytes"]["params"] * 2 == arms["full_amp"]["bytes"]["params"]
+    int8, best = arms["slimfit_int8"], arms["slimfit_best"]
+    assert int8["bytes"]["params"] < 0.8 * best["bytes"]["params"]
+    assert int8["steady_state"]["total_bytes"] < best["steady_state"]["total_bytes"]
+    assert min(a["steady_state"]["total_bytes"] for a in arms.values()) == int8["steady_state"]["total_bytes"]
+
+
+def test_bf16_only_arms_are_refused_in_fp32_with_one_line(capsys):
+    with pytest.raises(SystemExit):
+        load_benchmark().main([*TINY, "--arms", "full_bf16"])
+    assert "add --precision bf16" in capsys.readouterr().err
+
+
 def test_missing_packages_stop_the_run_before_the_first_arm_with_one_line(tmp_path, capsys, monkeypatch):
     """As a newcomer without the bench extra: refused at once, not after the arms before BAdam."""
     module = load_benchmark()
