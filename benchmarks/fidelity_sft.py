@@ -69,7 +69,7 @@ TASKS: dict[str, dict[str, Any]] = {
     "speech_continuation": {"train_rows": 384, "test_rows": 400, "generate": 0, "eval_loss_rows": 400, "max_length": 128, "epochs": 1},
 }
 #: The lr a run takes when --lr is not given (peers: the middle of their sweep).
-DEFAULT_LR = {"full": 3e-5, "slimfit_default": 3e-5, "slimfit_rows": 3e-5, "slimfit_best": 3e-5, "slimfit_nocomp": 3e-5, "slimfit_unscaled": 3e-5, "slimfit_scale5": 3e-5, "lisa": 3e-5, "lora": 3e-4, "badam": 3e-5, "galore": 1e-4,
+DEFAULT_LR = {"full": 3e-5, "slimfit_default": 3e-5, "slimfit_rows": 3e-5, "slimfit_best": 3e-5, "slimfit_nocomp": 3e-5, "slimfit_unscaled": 3e-5, "slimfit_scale5": 3e-5, "slimfit_int8": 3e-5, "lisa": 3e-5, "lora": 3e-4, "badam": 3e-5, "galore": 1e-4,
               "trl_full": 3e-5, "trl_slimfit": 3e-5}
 LORA_RANK, GALORE_RANK, BEST_FREEZE_RATIO = 8, 128, 0.9
 
@@ -92,6 +92,8 @@ def arms() -> dict[str, dict[str, Any]]:
     nocomp = {**json.loads(json.dumps(default)), "compression": "none"}
     unscaled = {**json.loads(json.dumps(default)), "lr_scale": 1.0}
     scaled5 = {**json.loads(json.dumps(default)), "lr_scale": 5.0}
+    # the default with frozen weights held as int8 + row scales (fp32 masters on host, trained units in fp32)
+    int8 = {**json.loads(json.dumps(default)), "frozen_weights": "int8"}
     return {
         "full": {"kind": "full"},
         # the full / slimfit_default work through TRL's SFTTrainer (run_trl)
@@ -103,6 +105,7 @@ def arms() -> dict[str, dict[str, Any]]:
         "slimfit_nocomp": {"kind": "slimfit", "slimfit": nocomp},
         "slimfit_unscaled": {"kind": "slimfit", "slimfit": unscaled},
         "slimfit_scale5": {"kind": "slimfit", "slimfit": scaled5},
+        "slimfit_int8": {"kind": "slimfit", "slimfit": int8},
         "lisa": {"kind": "slimfit", "slimfit": {
             "seed": 0, "units": {"granularity": "tensor", "always_train": ["head"]},
             "scheduler": {"name": "random_layers", "n_blocks": 2, "interval": 20}, "compression": "none"}},

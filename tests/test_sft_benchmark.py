@@ -72,6 +72,23 @@ def test_the_row_and_best_arms_run_and_train_the_tied_embedding(tmp_path):
     assert best["arm"]["slimfit"]["chunked_loss"] == {"chunk_size": 256} and best["steps"] == 3
 
 
+def test_the_int8_arm_runs_on_cpu_and_evaluates_the_exact_weights(tmp_path):
+    """slimfit_int8 (the default config + frozen_weights: int8) trains in fp32 on CPU and, detached
+    before evaluation, generates from the full-precision masters."""
+    bench = load_benchmark()
+    assert bench.arms()["slimfit_int8"]["slimfit"] == {**bench.default_config(), "frozen_weights": "int8"}
+    tokenizer = chat_tokenizer()
+    tiny_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    results = tmp_path / "results.json"
+    bench.main(["--model", str(tmp_path / "model"), "--tasks", "rt_answer", "--arms", "slimfit_int8",
+                "--seeds", "0", "--max-steps", "3", "--eval-limit", "4", "--results", str(results)])
+    run = json.loads(results.read_text())["runs"]["rt_answer/slimfit_int8/lr3e-05/seed0"]
+    assert run["steps"] == 3 and run["generated"] == 4 and run["eval_loss"] == run["eval_loss"]  # not NaN
+    numel = sum(p.numel() for p in tiny_llama(len(tokenizer)).parameters())
+    assert run["memory"]["peak"]["params"] < 0.6 * 4 * numel  # int8 + row scales + the step's fp32 copies
+
+
 def test_trl_trains_on_the_recipes_tokens_and_labels(tmp_path):
     """TRL's SFTTrainer, given the untokenized rows, makes the recipe's input ids and labels row for
     row (both tasks: chat prompt + completion and plain text), and its batches are the recipe's
