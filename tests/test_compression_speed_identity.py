@@ -1,8 +1,10 @@
-"""The faster int8/int4 pack and unpack give bit-identical results to the original code.
+"""The faster int8/int4/bitmask pack and unpack give bit-identical results to the original code.
 
 The reference below is a frozen copy of the implementation before the speed-up (``abs().amax()``
 for the scale, mixed-type multiplies, fresh temporaries); codes, scales and decoded tensors
-must match it exactly (``torch.equal``), and packing must leave the input untouched.
+must match it exactly (``torch.equal``), and packing must leave the input untouched. Inputs are
+finite: the int4 code of a NaN or infinite element was, and is, the undefined result of casting
+NaN to an integer type (it differs between the two, and between CPUs).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from slimfit_accel.compression.packing import pack_nibbles, unpack_nibbles
+from slimfit_accel.strategies.compression.bitmask import Bitmask, BitmaskPacked, _leading
 from slimfit_accel.strategies.compression.int4 import Int4Scaled
 from slimfit_accel.strategies.compression.int8 import Int8Scaled
 
@@ -180,3 +183,94 @@ def test_nibbles_match_the_original(numel):
     assert_same(packed, ref_pack_nibbles(codes))
     assert packed.is_contiguous()
     assert_same(unpack_nibbles(packed, numel), ref_unpack_nibbles(packed, numel))
+
+
+# --- bitmask: the probe copies only the elements it reads; the sign mode compares first ------
+
+
+def ref_bitmask_pack(tensor, sign):
+    """The bitmask pack before the speed-up: (bits, value) of a 0/c mask, None otherwise."""
+    if sign:
+        nonzero, value = tensor.detach().reshape(-1) > 0, torch.ones((), dtype=tensor.dtype)
+    else:
+        flat = tensor.detach().reshape(-1)
+        if flat.numel() == 0 or not (tensor.is_floating_point() or tensor.dtype == torch.bool):
+            return None
+        if flat.dtype == torch.bool:
+            nonzero, value = flat, torch.ones((), dtype=torch.bool)
+        else:
+            head = flat[:4096]
+            head_nonzero = head[head != 0]
+            if head_nonzero.numel() and not bool((head_nonzero == head_nonzero[0]).all()):
+                return None
+            nonzero = flat != 0
+            if not bool(nonzero.any()):
+                value = torch.zeros((), dtype=flat.dtype)
+            else:
+                value = head_nonzero[0] if head_nonzero.numel() else flat[nonzero.byte().argmax()]
+                if not torch.equal(flat == value, nonzero):
+                    return None
+    codes = nonzero.view(torch.uint8)
+    pad = (-codes.numel()) % 8
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    columns = codes.reshape(-1, 8)
+    packed = columns[:, 0].clone()
+    for bit in range(1, 8):
+        packed.bitwise_or_(columns[:, bit] << bit)
+    return packed, value.to(tensor.dtype)
+
+
+def bitmask_inputs():
+    gen = torch.Generator().manual_seed(3)
+    mask = (torch.rand(6, 5, 300, 7, generator=gen) > 0.1).float() * 1.25  # 0 / c, 63000 elements
+    late = torch.zeros(4, 3, 2000)
+    late[3, 2, 1999] = 2.0  # every probed element zero, one non-zero at the very end
+    late_bad = late.clone()
+    late_bad[3, 2, 1998] = 3.0  # a second value past the probe
+    yield "mask", mask
+    yield "mask-strided", mask.transpose(0, 2)  # the probe descends into a strided tensor
+    yield "mask-bf16", mask.to(torch.bfloat16).permute(3, 1, 0, 2)
+    yield "bool-strided", (mask > 0).transpose(1, 3)
+    yield "operand-strided", torch.randn(8, 128, 9, 64, generator=gen).transpose(1, 2)  # attention q
+    yield "operand-small", torch.randn(3, 5, generator=gen)
+    yield "all-zero", torch.zeros(5, 4000)
+    yield "late-value", late
+    yield "late-value-strided", late.transpose(0, 2)
+    yield "late-second-value", late_bad
+    yield "negative-zero", torch.tensor([[0.0, -0.0, 2.0], [2.0, 0.0, -0.0]]).t()
+    yield "nan", torch.tensor([[0.0, float("nan"), 1.0]] * 3).t()
+    yield "scalar", torch.tensor(1.5)
+    yield "empty", torch.zeros(0, 3)
+    yield "integer", torch.arange(12).reshape(3, 4)
+
+
+@pytest.mark.parametrize("name,tensor", list(bitmask_inputs()), ids=[n for n, _ in bitmask_inputs()])
+@pytest.mark.parametrize("sign", [False, True])
+def test_bitmask_matches_the_original_bit_for_bit(name, tensor, sign):
+    if sign and not tensor.is_floating_point():
+        pytest.skip("the sign mode stores floating tensors only")
+    before = tensor.clone()
+    compressor = Bitmask(fallback="int8", sign=sign)
+    packed = compressor.pack(tensor)
+    expected = ref_bitmask_pack(tensor, sign)
+    if expected is None:  # not a mask: the int8 fallback
+        assert not isinstance(packed, BitmaskPacked)
+        codes, scale = ref_int8_pack(tensor, None, log_domain=False)
+        assert_same(packed.codes, codes)
+        assert_same(packed.scale, scale)
+    else:
+        assert isinstance(packed, BitmaskPacked)
+        assert_same(packed.bits, expected[0])
+        assert_same(packed.value, expected[1])
+        assert packed.shape == tensor.shape
+        unpacked = compressor.unpack(packed)
+        if not sign:
+            assert torch.equal(unpacked, tensor)
+    assert torch.equal(tensor, before) or tensor.isnan().any()
+
+
+@pytest.mark.parametrize("name,tensor", list(bitmask_inputs()), ids=[n for n, _ in bitmask_inputs()])
+@pytest.mark.parametrize("count", [1, 7, 4096, 10**6])
+def test_the_probe_reads_the_flattened_prefix(name, tensor, count):
+    torch.testing.assert_close(_leading(tensor, count), tensor.reshape(-1)[:count], rtol=0, atol=0, equal_nan=True)

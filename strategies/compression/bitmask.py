@@ -27,6 +27,15 @@ _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 _PROBE = 4096  # elements looked at before the full check
 
 
+def _leading(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    """``tensor.reshape(-1)[:count]`` without copying more of a strided tensor than it needs:
+    index 0 of the leading dimensions is taken while what remains still holds ``count``
+    elements (the flattened tensor's prefix in logical order), and only that part is reshaped."""
+    while tensor.dim() > 1 and tensor.shape[0] and tensor[0].numel() >= count:
+        tensor = tensor[0]
+    return tensor.reshape(-1)[:count]
+
+
 class BitmaskPacked(NamedTuple):
     bits: torch.Tensor  # uint8, 8 entries a byte (zero-padded at the end)
     value: torch.Tensor  # the one non-zero value c, in the original dtype
@@ -50,25 +59,29 @@ class Bitmask:
     def pack(self, tensor: torch.Tensor, ctx: SavedTensorContext | None = None) -> Any:
         if self.sign and tensor.is_floating_point():
             one = torch.ones((), dtype=tensor.dtype, device=tensor.device)
-            return self._pack_bits(tensor.detach().reshape(-1) > 0, one, tensor)
+            # compare, then flatten: a strided tensor is copied as bools, not as floats
+            return self._pack_bits((tensor.detach() > 0).reshape(-1), one, tensor)
         packed = self._pack_mask(tensor)
         if packed is not None:
             return packed
         return self._fallback.pack(tensor, ctx) if self._fallback is not None else tensor
 
     def _pack_mask(self, tensor: torch.Tensor) -> BitmaskPacked | None:
-        flat = tensor.detach().reshape(-1)
-        if flat.numel() == 0 or not (tensor.is_floating_point() or tensor.dtype == torch.bool):
+        if tensor.numel() == 0 or not (tensor.is_floating_point() or tensor.dtype == torch.bool):
             return None
-        if flat.dtype == torch.bool:
+        if tensor.dtype == torch.bool:
+            flat = tensor.detach().reshape(-1)
             nonzero, value = flat, torch.ones((), dtype=torch.bool, device=flat.device)
         else:
             # Cheap rejection first: most tensors offered here are not masks, and a few
-            # thousand elements tell (two distinct non-zero values there settle it).
-            head = flat[:_PROBE]
+            # thousand elements tell (two distinct non-zero values there settle it). The probe
+            # copies only those elements of a strided tensor (attention's transposed operands),
+            # not the whole tensor.
+            head = _leading(tensor.detach(), _PROBE)
             head_nonzero = head[head != 0]
             if head_nonzero.numel() and not bool((head_nonzero == head_nonzero[0]).all()):
                 return None
+            flat = tensor.detach().reshape(-1)
             nonzero = flat != 0
             if not bool(nonzero.any()):
                 value = torch.zeros((), dtype=flat.dtype, device=flat.device)

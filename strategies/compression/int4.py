@@ -52,13 +52,17 @@ class Int4Scaled:
     def pack(self, tensor: torch.Tensor, ctx: SavedTensorContext | None = None) -> Int4Packed:
         groups = as_groups(tensor, self.group_size)
         scale = absmax_scale(groups, 7)
-        codes = torch.div(groups, scale).round_().clamp_(-7, 7).add_(8).to(torch.uint8)
+        # Narrow to int8 first, then offset to 1..15 on bytes: a quarter of the memory traffic of
+        # offsetting the float32 codes, same codes (the float codes are integers in -7..7).
+        codes = torch.div(groups, scale).round_().clamp_(-7, 7).to(torch.int8).add_(8).view(torch.uint8)
         return Int4Packed(pack_nibbles(codes), scale, groups.shape[1], tensor.shape, tensor.dtype)
 
     def unpack(self, packed: Int4Packed) -> torch.Tensor:
         rows = packed.scale.shape[0]
-        codes = unpack_nibbles(packed.nibbles, rows * packed.width)
-        groups = codes.reshape(rows, packed.width).to(torch.float32).sub_(8).mul_(packed.scale)
+        # Remove the offset on bytes (1..15 -> -7..7 as int8), then widen: exact, and a quarter
+        # of the traffic of subtracting in float32.
+        codes = unpack_nibbles(packed.nibbles, rows * packed.width).sub_(8).view(torch.int8)
+        groups = codes.reshape(rows, packed.width).to(torch.float32).mul_(packed.scale)
         return from_groups(groups, packed.shape, packed.dtype)
 
 
