@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from slimfit_accel.hookspecs import UnitView
@@ -76,3 +77,37 @@ def test_snapshot_holds_exactly_the_trained_units_bytes():
     for snapshot, decided in zip(controller.snapshot_history, decisions):
         assert snapshot == unit_bytes([by_name[n] for n in decided])
         assert snapshot == model_bytes * 2 // 10  # 2 of 10 equal units, not the model
+
+
+def _weight_delta_before_in_place(views, before, relative):
+    """The scorer's arithmetic before it worked in place (fresh temporaries), frozen here."""
+    scores = []
+    for view, snapshots in zip(views, before):
+        total, count = torch.zeros(()), 0
+        for after, old in zip(view.weights, snapshots):
+            change = (old - after).abs().float()
+            if relative:
+                magnitude = old.abs().float()
+                change = torch.where(magnitude > 0, change / magnitude.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+            total = total + change.sum()
+            count += old.numel()
+        scores.append(total / max(count, 1))
+    return torch.stack(scores)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("relative", [True, False])
+def test_weight_delta_in_place_scores_are_bit_identical(dtype, relative):
+    gen = torch.Generator().manual_seed(5)
+    weights = [torch.randn(64, 33, generator=gen).to(dtype), torch.randn(7, generator=gen).to(dtype)]
+    weights[0][3] = 0.0  # W_before == 0 contributes 0
+    weights[0][4, :5] = 1e-40  # subnormal magnitudes (clamped to the smallest normal)
+    views = [UnitView(name="a", weights=weights[:1]), UnitView(name="b", weights=weights)]
+    scorer = WeightDelta(relative=relative)
+    carried = scorer.before_step(views)
+    snapshots = [[w.clone() for w in ws] for ws in carried]
+    for w in weights:
+        w.add_(torch.randn(w.shape, generator=gen).to(dtype) * 1e-3)
+    scores = scorer.after_step(views, carried)
+    assert torch.equal(scores, _weight_delta_before_in_place(views, snapshots, relative))
+    assert all(torch.equal(a, b) for xs, ys in zip(carried, snapshots) for a, b in zip(xs, ys))  # snapshots untouched
