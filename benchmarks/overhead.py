@@ -23,12 +23,16 @@ SlimFit arms attach before their step and detach after, outside the timing):
 - ``full``: plain full fine-tuning
 - ``slimfit_meter_off``: the packaged default config (``configs/demo.yaml``), ``memory_meter: off``
 - ``slimfit_meter_on``: the same, ``memory_meter: always`` (the exact meter at every step)
+- ``slimfit_nocompression_meter_off`` / ``_on``: the default config with ``compression: none``
+  (what SlimFit costs apart from quantizing activations)
 - ``machinery_only``: SlimFit with every unit trainable, compression none, no paging, meter off:
   the same arithmetic as ``full``, so its step time minus ``full``'s is the machinery's cost
   measured the other way (noisy on a loaded machine; the sections are the figure)
 
 Each round runs every arm once; the first ``--warmup`` rounds are not measured. Figures are
-medians over the measured rounds with min and max. Results: ``--json`` (default
+medians over the measured rounds with min and max. ``--clock cpu`` times steps and sections in
+process CPU time instead of wall time: on a shared machine with ``--threads 1`` it leaves out
+the time the process waits for a core, which wall time counts at random. Results: ``--json`` (default
 ``benchmarks/results/overhead_<geometry>.json``).
 
 Geometries: ``tiny`` (a 2-layer Llama, seconds), ``smollm2`` (SmolLM2-135M's: hidden 576,
@@ -36,6 +40,7 @@ Geometries: ``tiny`` (a 2-layer Llama, seconds), ``smollm2`` (SmolLM2-135M's: hi
 
     python benchmarks/overhead.py --geometry tiny
     python benchmarks/overhead.py --geometry smollm2 --rounds 3     # CPU: ~10-15 minutes
+    python benchmarks/overhead.py --geometry smollm2 --threads 1 --clock cpu   # shared machine
 """
 
 from __future__ import annotations
@@ -71,12 +76,17 @@ GEOMETRIES = {
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=1000, tied=True, batch=8, seq_len=64),
     "smollm2": dict(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152, tied=True, batch=8, seq_len=512),
 }
-ARMS = ["full", "slimfit_meter_off", "slimfit_meter_on", "machinery_only"]
+ARMS = ["full", "slimfit_meter_off", "slimfit_meter_on", "slimfit_nocompression_meter_off",
+        "slimfit_nocompression_meter_on", "machinery_only"]
 OVERHEAD = ("freeze_decision", "scorer", "step_hooks", "paging", "compression", "meter")
 COMPUTE = ("optimizer_update",)
 
 
 # ------------------------------------------------------------------------------------- timers
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter  # set by --clock
+
+
 class Sections:
     """Exclusive timers: time inside a nested section is not counted in the one around it."""
 
@@ -91,12 +101,12 @@ class Sections:
         if not self.enabled:
             yield
             return
-        frame = [name, time.perf_counter(), 0.0]
+        frame = [name, clock(), 0.0]
         self._stack.append(frame)
         try:
             yield
         finally:
-            elapsed = time.perf_counter() - frame[1]
+            elapsed = clock() - frame[1]
             self._stack.pop()
             self.totals[name] = self.totals.get(name, 0.0) + elapsed - frame[2]
             self.calls[name] = self.calls.get(name, 0) + 1
@@ -125,6 +135,11 @@ def _label(obj: Any) -> str:
     return getattr(obj, "_overhead_label", "compression")
 
 
+def _saved_label(saved: Any) -> str:
+    """``meter`` for what the meter's counting engine saved (its byte counter is labelled)."""
+    return getattr(getattr(saved, "counter", None), "_overhead_label", "compression")
+
+
 def install_timers() -> None:
     """Wrap SlimFit's machinery, class by class, before any SlimFit is built (hooks bind methods
     when they are installed)."""
@@ -137,7 +152,12 @@ def install_timers() -> None:
     engine = engine_module.CompressionEngine
     engine._pack = _timed(_label, engine._pack)
     unpack = engine._unpack
-    engine._unpack = staticmethod(_timed("compression", unpack))  # the meter's engine counts, unpacks nothing
+    timed_unpack = _timed(_saved_label, unpack)  # the meter's engine hands back what it kept
+
+    def unpack_holders(saved):  # a parameter comes back as it went in: no work, not timed
+        return timed_unpack(saved) if isinstance(saved, engine_module._Saved) else unpack(saved)  # noqa: SLF001
+
+    engine._unpack = staticmethod(unpack_holders)
     make_push = ModuleContext._make_push
 
     def timed_make_push(self, *args, **kwargs):
@@ -217,7 +237,9 @@ def arm_config(name: str) -> dict[str, Any] | None:
     if name == "machinery_only":
         return {"scheduler": {"name": "ils", "freeze_ratio": 0.0}, "compression": "none", "memory_meter": "off"}
     config = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    config["memory_meter"] = "off" if name == "slimfit_meter_off" else "always"
+    config["memory_meter"] = "off" if name.endswith("_meter_off") else "always"
+    if name.startswith("slimfit_nocompression"):
+        config["compression"] = "none"
     return config
 
 
@@ -225,14 +247,14 @@ def run_step(model, optimizer, batch, bf16: bool, slimfit: SlimFit | None) -> di
     """One training step; wall time of the whole and of its phases."""
     SECTIONS.reset()
     SECTIONS.enabled = True
-    start = time.perf_counter()
+    start = clock()
     with (slimfit.step() if slimfit is not None else _nothing()):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    total = time.perf_counter() - start
+    total = clock() - start
     SECTIONS.enabled = False
     sections = dict(SECTIONS.totals)
     return {"step_s": total, "sections_s": sections, "overhead_s": sum(sections.get(k, 0.0) for k in OVERHEAD)}
@@ -253,6 +275,7 @@ def attach(name: str, model, optimizer) -> SlimFit | None:
     if slimfit.memory is not None and slimfit.memory._own_engine:  # noqa: SLF001
         slimfit.memory.engine._overhead_label = "meter"  # noqa: SLF001
         slimfit.memory.engine._context._overhead_label = "meter"  # noqa: SLF001
+        slimfit.memory.engine._counter._overhead_label = "meter"  # noqa: SLF001
     wrap_step_hooks(optimizer)
     return slimfit
 
@@ -313,6 +336,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "measured_rounds": args.rounds,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "clock": args.clock,
         "host": platform.node(),
         "load_average_1_5_15_per_round": uptime,
         "overhead_sections": list(OVERHEAD),
@@ -335,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's); on a shared machine 1 avoids threads waiting on descheduled peers")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="cpu: process CPU time (use with --threads 1 on a shared machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -342,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the arms need 'full': every share is of a full fine-tuning step")
     if args.threads:
         torch.set_num_threads(args.threads)
+    global clock
+    clock = CLOCKS[args.clock]
     result = run(args)
     suffix = "" if args.precision == "fp32" else f"_{args.precision}"
     out = args.json or Path(__file__).resolve().parent / "results" / f"overhead_{args.geometry}{suffix}.json"
