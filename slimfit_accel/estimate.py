@@ -638,15 +638,24 @@ def working_set(setup: Setup, arm: Arm) -> int:
     """Temporaries the meter does not count, by formula. A causal LM: the forward's logits in
     the compute dtype and their fp32 upcast (alive together until the loss is taken), or with
     the chunked loss one chunk's fp32 logits and their gradient. A classifier: 0 (its largest
-    temporary, one block's, is small next to its saved activations)."""
+    temporary, one block's, is small next to its saved activations). With ``frozen_weights:
+    int8``, plus the largest stored matrix dequantised for its layer (and its autocast copy
+    when the weights are fp32): a frozen LM head is dequantised whole while the loss runs.
+    (Its fp32 dequantisation temporary is bounded by ``frozen_int8.ROW_CHUNK_BYTES``, not counted.)"""
+    compute = 2 if (arm.autocast or arm.model.dtype == torch.bfloat16) else 4
+    dequantised = 0  # frozen_weights: int8: the largest frozen matrix, dequantised (and autocast) for its layer
+    store = arm.slimfit.frozen_int8 if arm.slimfit is not None else None
+    if store is not None and store.weights:
+        largest = max(s.param.numel() for s in store.weights)
+        size = store.weights[0].param.element_size()
+        dequantised = largest * (size + (compute if compute < size else 0))
     if setup.task != "causal-lm":
-        return 0
+        return dequantised
     vocab = setup.config.vocab_size
     tokens = setup.batch * setup.seq_len
     if arm.chunked is not None:
-        return 2 * min(arm.chunked, tokens) * vocab * 4
-    compute = 2 if (arm.autocast or arm.model.dtype == torch.bfloat16) else 4
-    return tokens * vocab * (compute + 4)
+        return dequantised + 2 * min(arm.chunked, tokens) * vocab * 4
+    return dequantised + tokens * vocab * (compute + 4)
 
 
 def gpu_fits(device_total: int) -> dict[str, bool]:

@@ -101,8 +101,13 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``codes * scale`` per row, computed in fp32 and cast to ``dtype``."""
-    return (codes.to(torch.float32) * scales[:, None]).to(dtype)
+    """``codes * scale`` per row, computed in fp32 and cast to ``dtype``, a bounded slice of rows at
+    a time (the fp32 temporary is at most ``ROW_CHUNK_BYTES``, not the whole matrix's)."""
+    out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    per = max(1, ROW_CHUNK_BYTES // max(1, 4 * codes[0].numel())) if codes.shape[0] else 1
+    for start in range(0, codes.shape[0], per):
+        out[start:start + per] = codes[start:start + per].to(torch.float32) * scales[start:start + per, None]
+    return out
 
 
 # ------------------------------------------------------------------------------ one weight
