@@ -29,7 +29,11 @@ SlimFit arms attach before their step and detach after, outside the timing):
   the same arithmetic as ``full``, so its step time minus ``full``'s is the machinery's cost
   measured the other way (noisy on a loaded machine; the sections are the figure)
 
-Each round runs every arm once; the first ``--warmup`` rounds are not measured. Figures are
+Each round runs every arm once; the first ``--warmup`` rounds are not measured. With
+``--steps-per-arm N`` an arm runs N steps in a row each round and only the last is measured: the
+steady state of a run, where each step reuses the memory the step before freed. (The first step
+after another arm pays for fresh memory: page faults, counted as ``minor_faults``, that land in
+whichever section allocates, chiefly compression's packed buffers.) Figures are
 medians over the measured rounds with min and max. ``--clock cpu`` times steps and sections in
 process CPU time instead of wall time: on a shared machine with ``--threads 1`` it leaves out
 the time the process waits for a core, which wall time counts at random. Results: ``--json`` (default
@@ -51,6 +55,7 @@ import gc
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -247,6 +252,7 @@ def run_step(model, optimizer, batch, bf16: bool, slimfit: SlimFit | None) -> di
     """One training step; wall time of the whole and of its phases."""
     SECTIONS.reset()
     SECTIONS.enabled = True
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = clock()
     with (slimfit.step() if slimfit is not None else _nothing()):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -257,7 +263,8 @@ def run_step(model, optimizer, batch, bf16: bool, slimfit: SlimFit | None) -> di
     total = clock() - start
     SECTIONS.enabled = False
     sections = dict(SECTIONS.totals)
-    return {"step_s": total, "sections_s": sections, "overhead_s": sum(sections.get(k, 0.0) for k in OVERHEAD)}
+    return {"step_s": total, "sections_s": sections, "overhead_s": sum(sections.get(k, 0.0) for k in OVERHEAD),
+            "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}
 
 
 @contextmanager
@@ -303,15 +310,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for round_index in range(args.warmup + args.rounds):
         for name in args.arms:
             slimfit = attach(name, model, optimizer)
-            gc.collect()
-            record = run_step(model, optimizer, batch, bf16, slimfit)
+            for _ in range(args.steps_per_arm):  # the last is measured
+                gc.collect()
+                record = run_step(model, optimizer, batch, bf16, slimfit)
             if slimfit is not None:
                 slimfit.detach()
             measured = round_index >= args.warmup
             if measured:
                 records[name].append(record)
             print(f"round {round_index}{'' if measured else ' (warm-up)'} {name}: step {record['step_s']:.3f} s, "
-                  f"SlimFit's own {record['overhead_s'] * 1000:.1f} ms "
+                  f"SlimFit's own {record['overhead_s'] * 1000:.1f} ms, {record['minor_faults']} page faults "
                   f"{ {k: round(v * 1000, 1) for k, v in sorted(record['sections_s'].items())} }", flush=True)
         uptime.append(os.getloadavg())
     full = summarise([r["step_s"] for r in records["full"]]) if "full" in records else None
@@ -328,6 +336,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "own_share_of_full_step": (statistics.median(overhead) / full["median"]) if full else None,
             "own_share_range": [min(overhead) / full["median"], max(overhead) / full["median"]] if full else None,
             "step_vs_full": statistics.median(steps) / full["median"] if full else None,
+            "minor_faults": summarise([r["minor_faults"] for r in recs]),
         }
     result = {
         "geometry": {"name": args.geometry, **geometry},
@@ -337,6 +346,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "clock": args.clock,
+        "steps_per_arm": args.steps_per_arm,
         "host": platform.node(),
         "load_average_1_5_15_per_round": uptime,
         "overhead_sections": list(OVERHEAD),
@@ -356,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: forward under CPU bf16 autocast")
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds (each runs every arm once)")
     parser.add_argument("--warmup", type=int, default=1, help="rounds not measured")
+    parser.add_argument("--steps-per-arm", type=int, default=1,
+                        help="steps an arm runs in a row each round; the last is measured (steady state)")
     parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's); on a shared machine 1 avoids threads waiting on descheduled peers")

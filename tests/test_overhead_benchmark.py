@@ -30,3 +30,4 @@ def test_overhead_sections_per_arm(tmp_path):
     assert "optimizer_update" in sections["slimfit_meter_off"]
     for arm in arms.values():
         assert 0 <= arm["own_s"]["median"] <= arm["step_s"]["median"]
+        assert arm["minor_faults"]["median"] >= 0  # fresh memory the step touched (page faults)
