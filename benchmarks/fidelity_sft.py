@@ -622,6 +622,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [a for a in chosen if a not in known] + [t for t in tasks if t not in TASKS]
     if unknown:
         raise SystemExit(f"error: unknown arm(s) or task(s) {unknown}; arms: {', '.join(known)}; tasks: {', '.join(TASKS)}")
+    if args.weight_decay and any(known[a]["kind"] == "trl" for a in chosen):  # refused before any baseline is written
+        raise SystemExit(f"error: --weight-decay {args.weight_decay:g} with a trl arm: the Trainer exempts norm weights and "
+                         "biases from weight decay and the recipe's arms do not, so they would differ; use --weight-decay 0")
     seeds = [int(s) for s in args.seeds.split(",")]
     model_path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)

@@ -185,3 +185,11 @@ def test_trl_full_steps_as_the_recipe_loop_on_the_same_batches(tmp_path):
     with pytest.raises(SystemExit, match="weight-decay"):
         bench.sft_trainer(tiny_llama(len(tokenizer)), tokenizer, rows, data, 0, 1e-2, task,
                           bench.parse_args(["--weight-decay", "0.1"]), str(tmp_path / "wd"))
+
+
+def test_trl_weight_decay_is_refused_before_anything_is_written(tmp_path):
+    bench = load_benchmark()
+    results = tmp_path / "sft.json"
+    with pytest.raises(SystemExit, match="weight-decay 0.1 with a trl arm"):
+        bench.main(["--arms", "full,trl_slimfit", "--weight-decay", "0.1", "--results", str(results)])
+    assert not results.exists()  # no untrained baseline recorded first
