@@ -69,7 +69,7 @@ TASKS: dict[str, dict[str, Any]] = {
     "speech_continuation": {"train_rows": 384, "test_rows": 400, "generate": 0, "eval_loss_rows": 400, "max_length": 128, "epochs": 1},
 }
 #: The lr a run takes when --lr is not given (peers: the middle of their sweep).
-DEFAULT_LR = {"full": 3e-5, "slimfit_default": 3e-5, "slimfit_rows": 3e-5, "slimfit_best": 3e-5, "slimfit_nocomp": 3e-5, "slimfit_unscaled": 3e-5, "slimfit_scale5": 3e-5, "slimfit_int8": 3e-5, "lisa": 3e-5, "lora": 3e-4, "badam": 3e-5, "galore": 1e-4,
+DEFAULT_LR = {"full": 3e-5, "slimfit_default": 3e-5, "slimfit_rows": 3e-5, "slimfit_best": 3e-5, "slimfit_nocomp": 3e-5, "slimfit_unscaled": 3e-5, "slimfit_scale5": 3e-5, "slimfit_int8": 3e-5, "slimfit_fr07": 3e-4, "slimfit_fr06": 3e-4, "lisa": 3e-5, "lora": 3e-4, "badam": 3e-5, "galore": 1e-4,
               "trl_full": 3e-5, "trl_slimfit": 3e-5}
 LORA_RANK, GALORE_RANK, BEST_FREEZE_RATIO = 8, 128, 0.9
 
@@ -92,6 +92,11 @@ def arms() -> dict[str, dict[str, Any]]:
     nocomp = {**json.loads(json.dumps(default)), "compression": "none"}
     unscaled = {**json.loads(json.dumps(default)), "lr_scale": 1.0}
     scaled5 = {**json.loads(json.dumps(default)), "lr_scale": 5.0}
+    # the decoder-default question: the default training more of the model each step
+    fr07 = {**json.loads(json.dumps(default))}
+    fr07["scheduler"] = {**fr07["scheduler"], "freeze_ratio": 0.7}
+    fr06 = {**json.loads(json.dumps(default))}
+    fr06["scheduler"] = {**fr06["scheduler"], "freeze_ratio": 0.6}
     # the default with frozen weights held as int8 + row scales (fp32 masters on host, trained units in fp32)
     int8 = {**json.loads(json.dumps(default)), "frozen_weights": "int8"}
     return {
@@ -106,6 +111,8 @@ def arms() -> dict[str, dict[str, Any]]:
         "slimfit_unscaled": {"kind": "slimfit", "slimfit": unscaled},
         "slimfit_scale5": {"kind": "slimfit", "slimfit": scaled5},
         "slimfit_int8": {"kind": "slimfit", "slimfit": int8},
+        "slimfit_fr07": {"kind": "slimfit", "slimfit": fr07},
+        "slimfit_fr06": {"kind": "slimfit", "slimfit": fr06},
         "lisa": {"kind": "slimfit", "slimfit": {
             "seed": 0, "units": {"granularity": "tensor", "always_train": ["head"]},
             "scheduler": {"name": "random_layers", "n_blocks": 2, "interval": 20}, "compression": "none"}},
