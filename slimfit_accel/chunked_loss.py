@@ -64,16 +64,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index: int, chunk_size: int):  # noqa: D102
-        # A frozen head kept in int8 (frozen_int8.StoredWeight): dequantised here and again in
-        # backward, never saved.
+        # A frozen head kept in int8 (frozen_int8.StoredWeight): dequantised a slice of rows at a
+        # time for each chunk of tokens, here and again in backward, never saved.
         ctx.stored = None if isinstance(weight, torch.Tensor) else weight
-        weight = weight if ctx.stored is None else ctx.stored.dequantize()
         flat = hidden.reshape(-1, hidden.shape[-1])
         targets = labels.reshape(-1)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         compute_dtype = None
         for start in range(0, flat.shape[0], chunk_size):
-            logits = F.linear(flat[start:start + chunk_size], weight, bias)  # autocast applies here
+            logits = _head(flat[start:start + chunk_size], weight, bias)  # autocast applies here
             compute_dtype = logits.dtype
             total += F.cross_entropy(logits.float(), targets[start:start + chunk_size], ignore_index=ignore_index, reduction="sum")
             del logits
@@ -86,7 +85,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_total):  # noqa: D102
         hidden, weight, bias, labels = ctx.saved_tensors
-        weight = weight if ctx.stored is None else ctx.stored.dequantize()
+        if ctx.stored is not None:  # a frozen int8 head: no weight gradient, the input's in row slices
+            grad_hidden, grad_bias = _stored_head_backward(ctx, hidden, bias, labels, grad_total)
+            return grad_hidden, None, grad_bias, None, None, None
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         dtype, size = ctx.compute_dtype, ctx.chunk_size
         flat = hidden.reshape(-1, hidden.shape[-1])
@@ -113,6 +114,52 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if need_bias:
                     grad_bias += grad_logits.sum(0)
         return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _head(h: torch.Tensor, weight, bias: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``F.linear(h, weight, bias)``; a frozen int8 head (``StoredWeight``) is dequantised a slice
+    of rows at a time (cast to ``dtype`` when given: backward's explicit autocast) and its logits
+    written into one buffer (one ``F.linear`` when a slice is the whole head)."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(h, weight, bias)
+    vocab, out = weight.codes.shape[0], None
+    for start, rows in weight.row_slices():
+        stop = start + rows.shape[0]
+        part = F.linear(h, rows if dtype is None else rows.to(dtype), None if bias is None else bias[start:stop])
+        if out is None and stop == vocab:
+            return part
+        if out is None:
+            out = torch.empty(part.shape[:-1] + (vocab,), dtype=part.dtype, device=part.device)
+        out[..., start:stop] = part
+        del part, rows
+    return out
+
+
+def _stored_head_backward(ctx, hidden, bias, labels, grad_total):
+    """Gradients (hidden states, bias) through a frozen int8 head (``ctx.stored``, no weight
+    gradient): for each chunk of tokens, its logits and ``grad_logits @ weight`` computed a slice
+    of the head's rows at a time, autocast's casts explicit."""
+    need_hidden, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    dtype, size, stored = ctx.compute_dtype, ctx.chunk_size, ctx.stored
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    targets = labels.reshape(-1)
+    b = bias.to(dtype) if bias is not None else None
+    grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+    grad_bias = torch.zeros_like(bias) if need_bias else None
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, flat.shape[0], size):
+            h = flat[start:start + size].to(dtype)
+            grad_logits = _grad_logits(_head(h, stored, b, dtype), targets[start:start + size], ctx.ignore_index, grad_total)
+            if need_hidden:
+                acc = None  # the slices' partial products summed in fp32 (one slice: as one matmul)
+                for first, rows in stored.row_slices():
+                    part = grad_logits[:, first:first + rows.shape[0]] @ rows.to(dtype)
+                    acc = part if acc is None else (acc.float() if acc.dtype != torch.float32 else acc).add_(part)
+                    del part, rows
+                grad_hidden.view(-1, hidden.shape[-1])[start:start + size] = acc
+            if need_bias:
+                grad_bias += grad_logits.sum(0)
+    return grad_hidden, grad_bias
 
 
 def _grad_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, scale: torch.Tensor) -> torch.Tensor:

@@ -640,13 +640,28 @@ def working_set(setup: Setup, arm: Arm) -> int:
     the chunked loss one chunk's fp32 logits and their gradient. A classifier: 0 (its largest
     temporary, one block's, is small next to its saved activations). With ``frozen_weights:
     int8``, plus the largest stored matrix dequantised for its layer (and its autocast copy
-    when the weights are fp32): a frozen LM head is dequantised whole while the loss runs.
-    (Its fp32 dequantisation temporary is bounded by ``frozen_int8.ROW_CHUNK_BYTES``, not counted.)"""
+    when the weights are fp32); under the chunked loss a frozen LM head is dequantised a slice of
+    rows at a time (``frozen_int8.ROW_CHUNK_BYTES`` of fp32 rows), so only a slice of it counts.
+    (The fp32 dequantisation temporary, bounded the same way, is not counted.)"""
+    from . import frozen_int8
+
     compute = 2 if (arm.autocast or arm.model.dtype == torch.bfloat16) else 4
     dequantised = 0  # frozen_weights: int8: the largest frozen matrix, dequantised (and autocast) for its layer
     store = arm.slimfit.frozen_int8 if arm.slimfit is not None else None
     if store is not None and store.weights:
-        largest = max(s.param.numel() for s in store.weights)
+        model = arm.model
+        head = getattr(model.get_output_embeddings(), "weight", None) if hasattr(model, "get_output_embeddings") else None
+        embedding = getattr(model.get_input_embeddings(), "weight", None) if hasattr(model, "get_input_embeddings") else None
+
+        def held(stored) -> int:  # elements of ``stored`` dequantised at once
+            rows, width = stored.param.shape
+            if stored.param is head and arm.chunked is not None:  # the chunked loss: a slice of rows
+                return min(rows, max(1, frozen_int8.ROW_CHUNK_BYTES // (4 * width))) * width
+            if stored.param is embedding and stored.param is not head:  # a lookup: the rows of the batch
+                return min(rows, setup.batch * setup.seq_len) * width
+            return stored.param.numel()
+
+        largest = max(held(s) for s in store.weights)
         size = store.weights[0].param.element_size()
         dequantised = largest * (size + (compute if compute < size else 0))
     if setup.task != "causal-lm":

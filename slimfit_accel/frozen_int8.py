@@ -22,7 +22,8 @@ Each step (``FrozenInt8``):
   and drops it; backward dequantises it again for the input gradient (and sums the bias
   gradient). It holds the codes by reference only: no saved tensor, so neither the compression
   engine nor the meter sees one. A frozen ``nn.Embedding`` dequantises only the rows looked up; a
-  frozen head under ``chunked_loss`` is dequantised inside the loss (``chunked_loss.py``). So no
+  frozen head under ``chunked_loss`` is dequantised inside the loss a slice of rows at a time
+  (``chunked_loss.py``): a vocabulary-sized head is never whole in full precision. So no
   full-precision frozen weight outlives one layer's forward or backward.
 
 Between steps a stored weight's ``.data`` is a placeholder: one NaN element expanded to the
@@ -134,6 +135,18 @@ class StoredWeight:
     def dequantize(self) -> torch.Tensor:
         """The whole weight from its codes, in the parameter's dtype, on the device."""
         return dequantize(self.codes, self.scales, self.param.dtype)
+
+    def row_slices(self):
+        """``(first row, rows)`` pairs covering the weight: each slice dequantised in the
+        parameter's dtype, at most ``ROW_CHUNK_BYTES`` of fp32 rows at once (a whole weight when it
+        is smaller), so a large frozen head is never dequantised whole (``chunked_loss.py``)."""
+        rows = self.codes.shape[0]
+        per = max(1, ROW_CHUNK_BYTES // max(1, 4 * self.codes[0].numel())) if rows else 1
+        if per >= rows:
+            yield 0, self.dequantize()
+            return
+        for start in range(0, rows, per):
+            yield start, (self.codes[start:start + per].to(torch.float32) * self.scales[start:start + per, None]).to(self.param.dtype)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """``dequantize()[index]`` without dequantising the other rows (an embedding lookup)."""

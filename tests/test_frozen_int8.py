@@ -260,3 +260,40 @@ def test_ddp_two_processes_ranks_agree_and_equal_the_reference(tmp_path):
         assert result["world"] == 2 and result["changing"] and result["stored"] > 0
         assert result["masters_equal"] and result["codes_equal"] and result["state_equal"]
     assert results[0]["checksum"] == results[1]["checksum"]
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_a_frozen_head_is_dequantised_a_slice_of_rows_at_a_time_in_the_chunked_loss(monkeypatch, autocast):
+    """A vocabulary-sized frozen head is never dequantised whole in the chunked loss (an 8B Llama's
+    would be 1 GiB): each chunk of tokens takes its logits and its input gradient from slices of
+    rows. Same loss and hidden-state gradient as the whole dequantised head, within rounding."""
+    from slimfit_accel import frozen_int8
+    from slimfit_accel.chunked_loss import chunked_linear_cross_entropy
+
+    torch.manual_seed(0)
+    vocab, width = 1000, 16
+    param = torch.nn.Parameter(torch.randn(vocab, width) * 0.2, requires_grad=False)
+    codes, scales = frozen_int8.quantize(param.detach())
+    stored = frozen_int8.StoredWeight("lm_head.weight", param, codes, scales, torch.full((1,), float("nan")))
+    whole = frozen_int8.dequantize(codes, scales, torch.float32)
+    labels = torch.randint(0, vocab, (2 * 24,))
+    labels[::5] = -100
+    base = torch.randn(2, 24, width)
+
+    def loss_and_grad(weight):
+        hidden = base.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = chunked_linear_cross_entropy(hidden, weight, None, labels, chunk_size=16)
+        loss.backward()
+        return loss.detach(), hidden.grad
+
+    expected = loss_and_grad(whole)
+    one_slice = loss_and_grad(stored)  # the head fits one slice: the same kernels as the whole weight
+    assert torch.equal(one_slice[0], expected[0]) and torch.equal(one_slice[1], expected[1])
+    monkeypatch.setattr(frozen_int8, "ROW_CHUNK_BYTES", 4 * width * 128)  # 128 rows a slice: 8 slices
+    monkeypatch.setattr(frozen_int8.StoredWeight, "dequantize", lambda self: pytest.fail("the whole head was dequantised"))
+    sliced = loss_and_grad(stored)
+    tol = dict(rtol=2e-2, atol=1e-4) if autocast else dict(rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(sliced[0], expected[0], **tol)
+    torch.testing.assert_close(sliced[1], expected[1], **tol)
+    assert sliced[1].abs().sum() > 0
