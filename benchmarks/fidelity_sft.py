@@ -102,8 +102,8 @@ def arms() -> dict[str, dict[str, Any]]:
     return {
         "full": {"kind": "full"},
         # the full / slimfit_default work through TRL's SFTTrainer (run_trl)
-        "trl_full": {"kind": "trl"},
-        "trl_slimfit": {"kind": "trl", "slimfit": default},
+        "trl_full": {"kind": "trl", "data_order": "recipe"},
+        "trl_slimfit": {"kind": "trl", "slimfit": default, "data_order": "recipe"},
         "slimfit_default": {"kind": "slimfit", "slimfit": default},
         "slimfit_rows": {"kind": "slimfit", "slimfit": rows},
         "slimfit_best": {"kind": "slimfit", "slimfit": best},
@@ -380,7 +380,8 @@ def sft_trainer(model, tokenizer, train_rows, data, seed: int, lr: float, task: 
     computes the gradient norm every step (unclipped) and TRL its token-accuracy / entropy metrics,
     and TRL computes the loss with its chunked LM head: the same loss without the full logits, so
     less activation memory than ``run``'s arms, which keep them.
-    Losses are logged every step for the record; the data order is the Trainer's (seeded).
+    Losses are logged every step for the record; the data order is ``run``'s (``RecipeOrder``), so a
+    trl arm and its recipe arm see the same batches in the same order.
     Weight decay must be 0 (the default): the Trainer exempts norm weights and biases from it,
     ``run``'s AdamW does not."""
     import trl
@@ -397,10 +398,32 @@ def sft_trainer(model, tokenizer, train_rows, data, seed: int, lr: float, task: 
         logging_strategy="steps", logging_steps=1, report_to="none", disable_tqdm=True, dataloader_num_workers=0,
     )
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=train_rows, processing_class=tokenizer, callbacks=list(callbacks))
+    trainer._get_train_sampler = lambda *_, **__: RecipeOrder(len(trainer.train_dataset), seed)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the probe prints every 10th step instead
     return trainer
+
+
+class RecipeOrder(torch.utils.data.Sampler):
+    """``run``'s data order for the Trainer: each epoch, the permutation ``run``'s
+    ``DataLoader(shuffle=True, generator=Generator().manual_seed(seed))`` draws (its iterator's base
+    seed and then the permutation, from the same generator). Not a ``RandomSampler``, so Accelerate
+    leaves it as it is. Without it the Trainer draws its own order, and the order alone moved
+    full fine-tuning's eval loss by 0.05 on speech_continuation at lr 3e-4."""
+
+    def __init__(self, rows: int, seed: int):
+        from torch.utils.data import DataLoader
+
+        self.rows = rows
+        self.loader = DataLoader(range(rows), batch_size=max(1, rows), shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __iter__(self):
+        for permutation in self.loader:
+            yield from permutation.tolist()
 
 
 def same_rows(prepared, recipe) -> str | None:
@@ -498,7 +521,7 @@ def run_trl(arm: dict[str, Any], data, train_rows, tokenizer, model_path: str, s
         "steps": total_steps, "seconds_per_step": probe.seconds / total_steps, "cpu_seconds_per_step": probe.cpu_seconds / total_steps,
         "train_loss_first_10": statistics.fmean(probe.losses[:10]), "train_loss_last_10": statistics.fmean(probe.losses[-10:]),
         "lr": lr, "extras": {"trl": trl.__version__, "optimizer": type(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer).__name__,
-                             "max_grad_norm": trainer.args.max_grad_norm, "data_order": "the Trainer's sampler, seeded"},
+                             "max_grad_norm": trainer.args.max_grad_norm, "data_order": "the recipe loop's (RecipeOrder)"},
         "tied_embeddings": tied_embedding_units(model, callback.slimfit if callback else None, callback.report if callback else None),
         "warnings": sorted({str(w.message)[:300] for w in caught}),
     }

@@ -169,6 +169,16 @@ def test_trl_full_steps_as_the_recipe_loop_on_the_same_batches(tmp_path):
     trainer.data_collator = recording
     trainer.train()
     assert len(batches) >= 3  # Accelerate's loader collates one batch ahead
+    # the batches come in run()'s order: its DataLoader, shuffled by a generator seeded with the seed
+    from torch.utils.data import DataLoader
+
+    from slimfit_accel.recipes.sft import SFTCollator, pad_token_id
+
+    recipe = DataLoader(data.splits["train"], batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0),
+                        collate_fn=SFTCollator(pad_token_id(tokenizer)))
+    for theirs, ours in zip(batches[:3], recipe):
+        for key in ("input_ids", "attention_mask", "labels"):
+            assert torch.equal(theirs[key], ours[key]), key
     optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0)
     schedule = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=3)
     reference.train()
