@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from slimfit_accel import SlimFit
+from slimfit_accel.config import SlimFitConfig, load_config
 from slimfit_accel.memory import MemoryMeter
 from slimfit_accel.model_assets import PACKAGED, default_model_path, resolve_model
 from slimfit_accel.recipes import RecipeError
@@ -74,6 +75,27 @@ PRECISIONS = ("no", "bf16", "fp16")
 RESUME_SAME = ("train_file", "test_file", "dataset", "train_size", "test_size", "split_seed", "seed", "epochs",
                "batch_size", "grad_accum", "max_length", "lr", "lr_scheduler", "warmup_ratio", "max_steps", "task",
                "train_on_prompt")
+
+
+def with_bf16_masters(config: SlimFitConfig, mixed_precision: str | None) -> SlimFitConfig:
+    """Under bf16 mixed precision, ``master_weights: host``: each weight once on the device in bf16,
+    the fp32 masters on host with the (paged) optimizer state, as LLMs train; Accelerate's own bf16
+    would keep fp32 weights on the device and only autocast. Applied when the config pages the
+    optimizer and does not set ``master_weights`` itself (``null`` keeps fp32 weights), and not
+    under DeepSpeed (its bf16 keeps fp32 masters itself) or FSDP (which has its own)."""
+    precision = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    sharded = any(os.environ.get(flag, "false").lower() == "true" for flag in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"))
+    if precision != "bf16" or sharded or not config.optimizer_paging or "master_weights" in config.model_fields_set:
+        return config
+    return config.model_copy(update={"master_weights": "host"})
+
+
+def build_slimfit(source: str | dict | SlimFitConfig, mixed_precision: str | None) -> SlimFit:
+    """``SlimFit.from_config`` measuring every step, with ``with_bf16_masters`` applied (the
+    source itself when nothing changes, so errors still name its file)."""
+    config = load_config(source)
+    changed = with_bf16_masters(config, mixed_precision)
+    return SlimFit.from_config(source if changed is config else changed, memory_meter="always")
 
 
 def default_slimfit_config() -> str:
@@ -119,7 +141,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                                       "the completions it cuts and skips rows left with nothing to learn")
     train.add_argument("--mixed-precision", choices=PRECISIONS, default=None,
                        help="autocast precision given to the Accelerator (default: Accelerate's, e.g. from its config); "
-                            "the weights and optimizer state stay fp32; fp16 needs a GPU")
+                            "with bf16 and a SlimFit config with optimizer_paging (the default's) the weights live on the "
+                            "device once, in bf16, their fp32 masters on host (master_weights: host; 'master_weights: null' "
+                            "in the config keeps fp32 weights); fp16 needs a GPU")
     train.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate")
     train.add_argument("--weight-decay", type=float, default=0.01)
     train.add_argument("--warmup-ratio", type=float, default=0.0, help="share of the steps spent warming the learning rate up")
@@ -272,9 +296,9 @@ def check_inputs(args: argparse.Namespace, task: Task | None = None) -> Plan:
     if args.compare:
         from slimfit_accel.recipes.compare import arm_slimfits
 
-        arms = arm_slimfits(args.compare, config)
+        arms = arm_slimfits(args.compare, config, args.mixed_precision)
     else:
-        arms = {"run": None if args.no_slimfit else SlimFit.from_config(config, memory_meter="always")}
+        arms = {"run": None if args.no_slimfit else build_slimfit(config, args.mixed_precision)}
     resume = resolve_resume(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
     if resume is not None:
         changed = {k: (v, getattr(args, k)) for k, v in read_state(resume).get("args", {}).items() if getattr(args, k) != v}
@@ -545,7 +569,7 @@ def finish(run: TrainingRun) -> dict:
     }
     if run.output_dir:
         output_dir = Path(run.output_dir)
-        save_final(accelerator, run.model, run.task, run.inputs, output_dir)
+        save_final(accelerator, run.model, run.task, run.inputs, output_dir, masters=run.slimfit.master_weights if run.slimfit else None)
         if accelerator.is_main_process:
             write_summary(output_dir / "summary.json", {
                 **{k: v for k, v in run.result.items() if k != "report"}, "freeze": _freeze_summary(run.result["report"]),
@@ -573,9 +597,11 @@ def cleanup(run: TrainingRun) -> None:
     run.accelerator.free_memory()
 
 
-def save_final(accelerator: Accelerator, model, task: Task, inputs: Inputs, output_dir: Path) -> None:
+def save_final(accelerator: Accelerator, model, task: Task, inputs: Inputs, output_dir: Path, masters=None) -> None:
     """``OUTPUT/final``: the model, loadable with ``from_pretrained``, and the task's files with it
-    (classification: tokenizer or image processor, and ``OUTPUT/labels.json``)."""
+    (classification: tokenizer or image processor, and ``OUTPUT/labels.json``). With
+    ``master_weights: host`` (``masters``) the trained weights are their fp32 masters, not the
+    bf16 copies the device computed with."""
     final = output_dir / "final"
     unwrapped = accelerator.unwrap_model(model)
     if hasattr(unwrapped, "merge_and_unload"):  # LoRA: fold the adapters in, so final/ is a plain model
@@ -587,6 +613,12 @@ def save_final(accelerator: Accelerator, model, task: Task, inputs: Inputs, outp
         except ValueError as err:  # ZeRO-3 without 16-bit gathering on save
             raise RecipeError(f"cannot save {final}: {str(err).splitlines()[0]} (set zero3_save_16bit_model: true "
                               f"in the accelerate config, as accelerate_configs/zero3.yaml does)") from None
+        if masters is not None:
+            params = dict(unwrapped.named_parameters(remove_duplicate=False))
+            for name in state:
+                master = masters.of(params[name]) if name in params else None
+                if master is not None:
+                    state[name] = master.host
         unwrapped.save_pretrained(final, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=state)
     if accelerator.is_main_process:
         task.save_extras(inputs, output_dir)

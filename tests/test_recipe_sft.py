@@ -158,6 +158,27 @@ def test_bf16_with_the_default_slimfit_config(assets, tmp_path):
     assert summary(tmp_path / "next")["mixed_precision"] == "no"
 
 
+def test_bf16_keeps_each_weight_once_in_bf16_with_fp32_masters_on_host_and_saves_the_masters(assets, tmp_path):
+    """--mixed-precision bf16 with a config that pages the optimizer: master_weights: host (bf16
+    weights on the device, half the fp32 bytes); final/ holds the fp32 masters, not their bf16
+    copies. A config that sets master_weights itself (null) keeps fp32 weights."""
+    from safetensors.torch import load_file
+
+    masters, plain = tmp_path / "masters", tmp_path / "plain"
+    config = tmp_path / "fp32_weights.yaml"
+    config.write_text(Path(finetune.default_slimfit_config()).read_text() + "\nmaster_weights: null\n")
+    common = ["--model", str(assets["llama"]), *files(assets), *SMALL, "--max-steps", "4", "--mixed-precision", "bf16"]
+    finetune.main([*common, "--output-dir", str(masters)])
+    finetune.main([*common, "--slimfit-config", str(config), "--output-dir", str(plain)])
+    a, b = summary(masters), summary(plain)
+    assert a["slimfit_config"]["master_weights"] == "host" and b["slimfit_config"]["master_weights"] is None
+    assert a["memory"]["peak"]["params"] < 0.6 * b["memory"]["peak"]["params"]
+    assert a["memory"]["peak"]["master_paged"] > 0 and a["eval_loss"] < a["eval_loss_before"]
+    weights = load_file(masters / "final" / "model.safetensors")
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    assert any(not torch.equal(w, w.bfloat16().float()) for w in weights.values())  # masters, not bf16 copies
+
+
 def test_a_gguf_file_and_a_folder_holding_one_resolve_to_their_converted_folder(assets, tmp_path, monkeypatch):
     """``--model x.gguf`` goes through resolve_model: its cached conversion (here made in advance
     from the tiny model, so nothing converts) is what trains."""
@@ -180,13 +201,15 @@ def _recipe(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "slimfit_accel.finetune", *args], capture_output=True, text=True, timeout=600, env=env)
 
 
-def test_resume_in_a_new_process_matches_an_uninterrupted_run(assets, tmp_path):
+@pytest.mark.parametrize("precision", ["no", "bf16"], ids=["fp32", "bf16_masters_on_host"])
+def test_resume_in_a_new_process_matches_an_uninterrupted_run(assets, tmp_path, precision):
     """Checkpoint at step 2 (mid-epoch, accumulating 2 batches a step), resume in another process:
-    the same freeze sequence, per-epoch scores and weights, bit for bit."""
+    the same freeze sequence, per-epoch scores and weights, bit for bit (bf16: with the fp32
+    masters on host the checkpoint carries)."""
     from safetensors.torch import load_file
 
     common = ["--model", str(assets["llama"]), *files(assets, "messages"), *SMALL[:-2], "--epochs", "2", "--grad-accum", "2",
-              "--checkpointing-steps", "2", "--eval-generate", "4"]
+              "--checkpointing-steps", "2", "--eval-generate", "4", "--mixed-precision", precision]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     done = _recipe([*common, "--output-dir", str(straight)])
     assert done.returncode == 0, done.stderr[-3000:]
@@ -199,7 +222,9 @@ def test_resume_in_a_new_process_matches_an_uninterrupted_run(assets, tmp_path):
     assert a["epochs"] == b["epochs"] and a["exact_match"] == b["exact_match"] and a["examples"] == b["examples"]
     weights_a, weights_b = load_file(straight / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
-
+    assert a["slimfit_config"]["master_weights"] == ("host" if precision == "bf16" else None)
+    if precision == "bf16":
+        return
     other = tmp_path / "other"  # loss on prompts too: other labels, so refused
     done = _recipe([*common, "--train-on-prompt", "--output-dir", str(other), "--resume-from-checkpoint", str(straight / "checkpoints" / "step_000002")])
     assert done.returncode == 2 and not other.exists()

@@ -51,8 +51,11 @@ ARM_PACKAGES = {"lora": ("peft", "pip install peft"), "badam": ("badam", BENCH_I
 CATEGORIES = ("params", "grads", "optimizer", "activations")
 
 
-def arm_slimfits(spec: str, slimfit_config: str) -> dict[str, SlimFit | None]:
-    """The SlimFit (``None`` for full fine-tuning) of each named arm, built and checked now."""
+def arm_slimfits(spec: str, slimfit_config: str, mixed_precision: str | None = None) -> dict[str, SlimFit | None]:
+    """The SlimFit (``None`` for full fine-tuning) of each named arm, built and checked now (under
+    bf16, the arms that page the optimizer keep fp32 masters on host: ``finetune.with_bf16_masters``)."""
+    from slimfit_accel.finetune import build_slimfit
+
     names = [name.strip() for name in spec.split(",") if name.strip()]
     unknown = [name for name in names if name not in ARMS]
     if unknown:
@@ -75,7 +78,7 @@ def arm_slimfits(spec: str, slimfit_config: str) -> dict[str, SlimFit | None]:
         if module is not None and importlib.util.find_spec(module) is None:
             raise RecipeError(f"--compare {name} needs the {module!r} package, which is not installed: {install}")
     # every step measured: the summary's memory figures are exact, and the same for every arm
-    return {name: None if configs[name] is None else SlimFit.from_config(configs[name], memory_meter="always") for name in names}
+    return {name: None if configs[name] is None else build_slimfit(configs[name], mixed_precision) for name in names}
 
 
 def arm_options(name: str, task) -> dict[str, Any]:
