@@ -15,7 +15,7 @@ codes + fp32 row scales on the device).
 ``--precision bf16`` runs the arms a bf16 user compares (``BF16_ARMS``): ``full_amp``
 (Accelerate's bf16 mixed precision: fp32 weights, master and AdamW state, bf16 autocast),
 ``full_bf16`` (pure bf16 weights and AdamW state, torchtune style), ``full_checkpointing``,
-``lora``, ``badam``, ``slimfit_default``, ``slimfit_best`` (bf16 weights, fp32 masters on host) and
+``lora``, ``badam``, ``slimfit_default``, ``slimfit_best`` (both: bf16 weights, fp32 masters on host, as the recipe runs them) and
 ``slimfit_int8``; every forward under bf16 autocast, a Llama decoder's loss over its vocabulary. Every arm gets a fresh model from the same seed and the same random token ids; bytes
 come from ``slimfit_accel.memory.MemoryMeter`` (exact tensor sizes, followed over time: the
 total is the largest sum at any moment of a step), the figures of an arm are the largest over
@@ -313,8 +313,14 @@ def arm_slimfit_compress(args, device):
 
 
 def arm_slimfit_default(args, device):
-    """The packaged default config, read now: what a user gets from it."""
-    return _slimfit_arm(args, device, DEFAULT_CONFIG)
+    """The packaged default config, read now: what a user gets from it (under ``--precision bf16``
+    as the recipe's ``--mixed-precision bf16`` runs it: bf16 weights, fp32 masters on host)."""
+    import yaml
+
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    if args.precision == "bf16" and config.get("optimizer_paging") and "master_weights" not in config:
+        config["master_weights"] = "host"
+    return _slimfit_arm(args, device, config)
 
 
 def _default_config_at_ratio(args) -> dict:

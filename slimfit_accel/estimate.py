@@ -428,7 +428,12 @@ class _NoSnapshot:
 
 
 def slimfit_default_config(setup: Setup) -> dict[str, Any]:
-    return setup.base_slimfit()
+    """The config as given; in bf16 as the recipe runs it (``finetune.with_bf16_masters``): a
+    config that pages the optimizer and leaves ``master_weights`` unset gets ``host``."""
+    config = setup.base_slimfit()
+    if setup.bf16 and config.get("optimizer_paging") and "master_weights" not in config:
+        config["master_weights"] = "host"
+    return config
 
 
 #: The chunked loss of the most memory-saving config: 256 tokens a chunk keeps its fp32 logits
@@ -452,7 +457,11 @@ def slimfit_best_config(setup: Setup) -> dict[str, Any]:
 
 
 def arm_slimfit_default(setup: Setup) -> Arm:
-    return slimfit_arm(setup, slimfit_default_config(setup), note="the given SlimFit config" if setup.slimfit_config else "the packaged default config (demo.yaml)")
+    config = slimfit_default_config(setup)
+    note = "the given SlimFit config" if setup.slimfit_config else "the packaged default config (demo.yaml)"
+    if setup.bf16 and config.get("master_weights") == "host":
+        note += ", bf16 weights, fp32 masters on host (as the recipe's --mixed-precision bf16)"
+    return slimfit_arm(setup, config, note=note)
 
 
 def arm_slimfit_best(setup: Setup) -> Arm:
