@@ -306,3 +306,27 @@ def test_engine_reused_across_steps_resets_statistics():
     engine.detach()
     assert totals[0] == totals[1] and totals[0][1] < totals[0][0]
     assert engine.live_packed_bytes == 0
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_a_norms_one_value_a_row_rstd_is_kept_as_it_is(kind):
+    """1/rms (RMSNorm) and 1/std (LayerNorm) hold one value a row: a per-row format would store a
+    4-byte scale for each and cost a pack call, so the default policy keeps them."""
+    model = make_model(kind).train()
+    freeze_every_other_unit(model)
+    engine = CompressionEngine(model, slimfit_policy(), compressors=FACTORIES).attach()
+    chosen, pick = [], engine.compressor_for
+
+    def spy(ctx):
+        choice = pick(ctx)
+        chosen.append((ctx.role, ctx.shape, choice[0]))
+        return choice
+
+    engine.compressor_for = spy
+    ids = torch.randint(0, 50, (8, 16), generator=torch.Generator().manual_seed(1))  # 128 rows: above min_numel
+    with engine.step():
+        model(input_ids=ids, labels=ids if kind == "llama" else torch.zeros(8, dtype=torch.long)).loss.backward()
+    engine.detach()
+    rstd = [(shape, name) for role, shape, name in chosen if role == "rstd"]
+    assert rstd and all(shape[-1] == 1 and name == "none" for shape, name in rstd), rstd
+    assert any(name != "none" for role, _, name in chosen if role == "normalized")  # the norms' other output still packed

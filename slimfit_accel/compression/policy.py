@@ -116,6 +116,9 @@ def _policy(gelu: dict, attention: dict, layernorm: dict, ffn_down: dict, modern
     ]
     if modern:
         rules += [
+            # A norm's 1/rms (or 1/std): one value a row, where a per-row format would store a
+            # scale per element (5 bytes for 4) and cost a pack call: kept as it is.
+            Rule(role="rstd", compressor=CompressorSpec(name="none")),
             # ReLU backward reads only the sign of what it saved: one bit an element, exact.
             Rule(module_kind="relu", compressor=CompressorSpec(name="bitmask", sign=True)),
             # SiLU/SwiGLU, Tanh, Mish, ... inputs (or outputs) as GELU's.
@@ -157,6 +160,7 @@ def slimfit_policy() -> CompressionPolicy:
     attention operands (``*Attention``; also    any         int8, one scale per row (its
     rotary embeddings applied inside)                       dropout mask: bitmask)
     LayerNorm/RMSNorm normalized output         frozen      int4, one scale per row
+    LayerNorm/RMSNorm 1/rms (role ``rstd``)     any         kept (one value a row)
     gated MLP's ``up`` of ``act(gate) * up``    any         int4, one scale per row
     (kind ``mlp``, role ``gated_up``)
     gated MLP's ``gate`` (kind ``mlp``)         any         int8, one scale per row
