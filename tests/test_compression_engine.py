@@ -330,3 +330,69 @@ def test_a_norms_one_value_a_row_rstd_is_kept_as_it_is(kind):
     rstd = [(shape, name) for role, shape, name in chosen if role == "rstd"]
     assert rstd and all(shape[-1] == 1 and name == "none" for shape, name in rstd), rstd
     assert any(name != "none" for role, _, name in chosen if role == "normalized")  # the norms' other output still packed
+
+
+class _LogNormaliser(torch.autograd.Function):
+    """log_softmax(x)[target] that saves its log-normaliser, a 1-D vector (as fused LM heads do);
+    the logits it saves are tagged ``exact_logits`` (a rule keeps them), so only log_z is in question."""
+
+    @staticmethod
+    def forward(ctx, logits, target):
+        from slimfit_accel.compression.roles import tag_role
+
+        log_z = torch.logsumexp(logits, dim=-1)
+        tag_role(logits, "exact_logits")
+        ctx.save_for_backward(logits, log_z, target)
+        return logits.gather(-1, target[:, None]).squeeze(-1) - log_z
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, log_z, target = ctx.saved_tensors
+        probs = torch.exp(logits - log_z[:, None])
+        return grad[:, None] * (torch.nn.functional.one_hot(target, logits.shape[-1]) - probs), None
+
+
+def test_a_one_dimensional_statistic_is_saved_exactly():
+    """A 1-D saved tensor (here a log-normaliser per token, as TRL's fused LM head saves) is kept:
+    a per-row format gives the whole vector one scale, which shifts every probability of a token
+    (what the default policy did to TRL's log_z before: a biased gradient)."""
+    logits = torch.randn(256, 300, generator=torch.Generator().manual_seed(0)) * 4
+    target = torch.randint(0, 300, (256,), generator=torch.Generator().manual_seed(1))
+    int8 = CompressionPolicy(rules=(Rule(role="exact_logits", compressor={"name": "none"}),), default={"name": "int8"}, min_numel=1)
+
+    def grad(policy):
+        leaf = logits.clone().requires_grad_(True)
+        engine = CompressionEngine(nn.Identity(), policy, compressors=FACTORIES).attach() if policy else None
+        with engine.step() if engine else torch.enable_grad():
+            _LogNormaliser.apply(leaf * 1.0, target).sum().backward()
+        if engine:
+            engine.detach()
+        return leaf.grad
+
+    exact = grad(None)
+    assert torch.equal(grad(int8), exact)
+    lossy = grad(int8.model_copy(update={"min_ndim": 0}))  # the vector in int8, one scale: as it was
+    assert (lossy - exact).norm() > 1e-3 * exact.norm()
+
+
+def test_trls_fused_lm_head_keeps_its_log_normaliser_exact():
+    """TRL's SFTTrainer computes the loss with its fused LM head, which saves per-token log_z (and
+    entropy) as 1-D vectors: none reaches a compressor."""
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    model = make_model("llama").train()
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    engine = CompressionEngine(model, slimfit_policy(), compressors=FACTORIES).attach()
+    chosen, pick = [], engine.compressor_for
+
+    def spy(ctx):
+        chosen.append(ctx.shape)
+        return pick(ctx)
+
+    engine.compressor_for = spy
+    ids = torch.randint(0, 50, (8, 16), generator=torch.Generator().manual_seed(1))
+    with engine.step():
+        out = model(input_ids=ids, labels=ids, fused_lm_head=True)
+        (-out.log_probs.sum()).backward()
+    engine.detach()
+    assert chosen and all(len(shape) >= 2 for shape in chosen)
+    assert engine.stats.by_compressor["-"][0] >= 2 * 8 * 15 * 4  # log_z and entropy, fp32, kept

@@ -38,7 +38,7 @@ class StepStats:
     ``raw_bytes``: what autograd would have kept without compression. ``packed_bytes``: what the
     engine kept instead (uncompressed tensors count at full size). ``peak_*``: the largest live
     totals within the step. ``by_compressor``: ``name -> [raw, packed]`` (``-`` = kept as is
-    because not floating point or below the policy's ``min_numel``).
+    because not floating point or below the policy's ``min_numel`` or ``min_ndim``).
     """
 
     raw_bytes: int = 0

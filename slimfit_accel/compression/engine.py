@@ -7,7 +7,8 @@ pass itself is never changed. No model code is forked, so any ``nn.Module`` work
 decoder-only models; eager or SDPA attention).
 
 What is never compressed: parameters (including views, autocast copies, ZeRO-3 gathers, tied
-weights), non-floating tensors (dropout masks, indices), tensors below ``policy.min_numel``.
+weights), non-floating tensors (dropout masks, indices), tensors below ``policy.min_numel`` elements or
+``policy.min_ndim`` dimensions.
 Tensors come back in their own dtype (bf16/fp16 included).
 
 A tensor saved several times (e.g. a LayerNorm output read by Q, K and V) is packed once per
@@ -209,7 +210,7 @@ class CompressionEngine:
             role = "input"
         elif role is None and type(tensor.grad_fn).__name__ == "LogSoftmaxBackward0":
             role = "log_probs"  # a cross-entropy loss's log-softmax output
-        if tensor.is_floating_point() and tensor.numel() >= self.policy.min_numel:
+        if tensor.is_floating_point() and tensor.numel() >= self.policy.min_numel and tensor.dim() >= self.policy.min_ndim:
             ctx = SavedTensorContext(
                 module_path=frame.path,
                 module_type=frame.type_name,

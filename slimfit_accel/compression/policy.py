@@ -72,8 +72,11 @@ class CompressionPolicy(BaseModel):
     """Ordered rules (first match wins) and the compressor for everything unmatched.
 
     Floating-point tensors with fewer than ``min_numel`` elements are kept as they are (the
-    packing overhead would outweigh the saving). Parameters are never compressed, whatever the
-    rules say.
+    packing overhead would outweigh the saving), and so are tensors of fewer than ``min_ndim``
+    dimensions: a 1-D saved tensor is a statistic per token or row (a loss's log-normaliser,
+    TRL's fused LM head saves two), small next to the activations, and a per-row format would
+    give the whole vector one scale (the log-normaliser then shifts every probability of a
+    token: a biased gradient). Parameters are never compressed, whatever the rules say.
 
     Example::
 
@@ -86,6 +89,7 @@ class CompressionPolicy(BaseModel):
     rules: tuple[Rule, ...] = ()
     default: CompressorSpec = CompressorSpec(name="none")
     min_numel: int = Field(default=64, ge=0)
+    min_ndim: int = Field(default=2, ge=0)
 
     def select(self, ctx: SavedTensorContext) -> CompressorSpec:
         """The compressor spec for a saved tensor in context ``ctx``."""
