@@ -37,3 +37,18 @@ def random_batch(batch: int = 4, length: int = 12, seed: int = 0, vocab: int = 9
         "input_ids": torch.randint(0, vocab, (batch, length), generator=generator),
         "labels": torch.randint(0, 2, (batch,), generator=generator),
     }
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate's process-wide state reset before and after (a test that makes its own
+    ``Accelerator(mixed_precision=...)`` leaves no precision behind)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    reset()
+    yield
+    reset()

@@ -79,3 +79,40 @@ def compare(params: Sequence[torch.Tensor], masters_of: Callable, state_of: Call
             mine[k].dtype == theirs[k].dtype and torch.equal(mine[k].cpu(), theirs[k].cpu()) for k in theirs
         )
     return {"weights_equal": bool(weights), "masters_equal": bool(masters), "state_equal": bool(states), "state_entries": entries}
+
+
+def straight_and_resumed(config: dict, checkpoint_dir, steps: int):
+    """Two runs of ``steps`` bf16 steps through Accelerate on ``tiny_llama`` with SlimFit ``config``:
+    one straight through, one saved with ``save_state`` halfway and resumed in a fresh setup.
+    Returns ``(straight, resumed)``, each ``(slimfit, model, optimizer, accelerator)``.
+    Needs Accelerate's state reset around it (the ``fresh_accelerate_state`` fixture)."""
+    from accelerate import Accelerator
+
+    from slimfit_accel import SlimFit
+
+    def setup():
+        slimfit = SlimFit.from_config(config)
+        model = slimfit.prepare_model(tiny_llama())
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        slimfit.attach(accelerator, model, optimizer)
+        return slimfit, model, optimizer, accelerator
+
+    def run(slimfit, model, optimizer, accelerator, count, first):
+        for step in range(first, first + count):
+            with slimfit.step():
+                accelerator.backward(model(**lm_batch(step)).loss)
+                optimizer.step()
+                optimizer.zero_grad()
+
+    half = steps // 2
+    straight = setup()
+    run(*straight, steps, 0)
+    first = setup()
+    run(*first, half, 0)
+    first[3].save_state(checkpoint_dir)
+    resumed = setup()
+    resumed[3].load_state(checkpoint_dir)
+    run(*resumed, steps - half, half)
+    return straight, resumed

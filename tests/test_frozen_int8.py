@@ -18,7 +18,7 @@ import torch
 
 from conftest import WORKERS
 from frozen_int8_reference import ReferenceInt8, int8_rounding
-from mixed_precision_reference import LR, WEIGHT_DECAY, lm_batch, tiny_llama, trained_names
+from mixed_precision_reference import LR, WEIGHT_DECAY, lm_batch, straight_and_resumed, tiny_llama, trained_names
 from slimfit_accel import SlimFit
 from slimfit_accel.errors import IntegrationError
 from slimfit_accel.frozen_int8 import stored_weight
@@ -174,46 +174,8 @@ def test_state_dict_gives_the_exact_weights_and_loads_back_into_the_masters(conf
         model2.load_state_dict(bad)
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    def reset():
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-
-    reset()
-    yield
-    reset()
-
-
 def test_resume_from_save_state_is_bit_identical(tmp_path, fresh_accelerate_state):
-    from accelerate import Accelerator
-
-    def setup():
-        slimfit = SlimFit.from_config(MIXED)
-        model = slimfit.prepare_model(tiny_llama())
-        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        slimfit.attach(accelerator, model, optimizer)
-        return slimfit, model, optimizer, accelerator
-
-    def run(slimfit, model, optimizer, accelerator, steps, first):
-        for step in range(first, first + steps):
-            with slimfit.step():
-                accelerator.backward(model(**lm_batch(step)).loss)
-                optimizer.step()
-                optimizer.zero_grad()
-
-    straight = setup()
-    run(*straight, steps=8, first=0)
-    first = setup()
-    run(*first, steps=4, first=0)
-    first[3].save_state(tmp_path / "ckpt")
-    resumed = setup()
-    resumed[3].load_state(tmp_path / "ckpt")
-    run(*resumed, steps=4, first=4)
+    straight, resumed = straight_and_resumed(MIXED, tmp_path / "ckpt", steps=8)
     for p0, p1 in zip(straight[1].parameters(), resumed[1].parameters()):
         assert torch.equal(exact(straight[0], p0), exact(resumed[0], p1))
         if stored_weight(p0) is not None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import WORKERS
-from mixed_precision_reference import LR, WEIGHT_DECAY, ReferenceMixedPrecision, compare, lm_batch, tiny_llama, trained_names
+from mixed_precision_reference import LR, WEIGHT_DECAY, ReferenceMixedPrecision, compare, lm_batch, straight_and_resumed, tiny_llama, trained_names
 from slimfit_accel import SlimFit
 from slimfit_accel.errors import ConfigError, IntegrationError
 from slimfit_accel.paging import is_paged
@@ -142,46 +142,9 @@ def test_on_cuda_masters_are_pinned_prefetched_and_bit_identical():
     assert all(m.host.is_pinned() and m.host.device.type == "cpu" for m in slimfit.master_weights)
     assert all(p.device.type == "cuda" and p.dtype == torch.bfloat16 for p in model.parameters())
 
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    def reset():
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-
-    reset()
-    yield
-    reset()
-
 
 def test_resume_is_bit_identical(tmp_path, fresh_accelerate_state):
-    from accelerate import Accelerator
-
-    def setup():
-        slimfit = SlimFit.from_config(CONFIG)
-        model = slimfit.prepare_model(tiny_llama())
-        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        slimfit.attach(accelerator, model, optimizer)
-        return slimfit, model, optimizer, accelerator
-
-    def run(slimfit, model, optimizer, accelerator, steps, first):
-        for step in range(first, first + steps):
-            with slimfit.step():
-                accelerator.backward(model(**lm_batch(step)).loss)
-                optimizer.step()
-                optimizer.zero_grad()
-
-    straight = setup()
-    run(*straight, steps=10, first=0)
-    first = setup()
-    run(*first, steps=5, first=0)
-    first[3].save_state(tmp_path / "ckpt")
-    resumed = setup()
-    resumed[3].load_state(tmp_path / "ckpt")
-    run(*resumed, steps=5, first=5)
+    straight, resumed = straight_and_resumed(CONFIG, tmp_path / "ckpt", steps=10)
     inner0, inner1 = straight[2].optimizer, resumed[2].optimizer
     for p0, p1 in zip(straight[1].parameters(), resumed[1].parameters()):
         assert p1.dtype == torch.bfloat16 and torch.equal(p0, p1)
