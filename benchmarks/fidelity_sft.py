@@ -70,7 +70,7 @@ TASKS: dict[str, dict[str, Any]] = {
 }
 #: The lr a run takes when --lr is not given (peers: the middle of their sweep).
 DEFAULT_LR = {"full": 3e-5, "slimfit_default": 3e-5, "slimfit_rows": 3e-5, "slimfit_best": 3e-5, "slimfit_nocomp": 3e-5, "slimfit_unscaled": 3e-5, "slimfit_scale5": 3e-5, "slimfit_int8": 3e-5, "slimfit_fr07": 3e-4, "slimfit_fr06": 3e-4, "lisa": 3e-5, "lora": 3e-4, "badam": 3e-5, "galore": 1e-4,
-              "trl_full": 3e-5, "trl_slimfit": 3e-5}
+              "trl_full": 3e-5, "trl_slimfit": 3e-5, "trl_slimfit_nocomp": 3e-4, "trl_slimfit_topexact": 3e-4}
 LORA_RANK, GALORE_RANK, BEST_FREEZE_RATIO = 8, 128, 0.9
 
 
@@ -97,6 +97,11 @@ def arms() -> dict[str, dict[str, Any]]:
     fr07["scheduler"] = {**fr07["scheduler"], "freeze_ratio": 0.7}
     fr06 = {**json.loads(json.dumps(default))}
     fr06["scheduler"] = {**fr06["scheduler"], "freeze_ratio": 0.6}
+    from slimfit_accel.compression import slimfit_policy
+
+    policy = slimfit_policy().model_dump(mode="json")
+    policy["rules"] = [{"path": [""], "compressor": {"name": "none"}}] + policy["rules"]
+    top_exact = {**json.loads(json.dumps(default)), "compression": policy}
     # the default with frozen weights held as int8 + row scales (fp32 masters on host, trained units in fp32)
     int8 = {**json.loads(json.dumps(default)), "frozen_weights": "int8"}
     return {
@@ -104,6 +109,10 @@ def arms() -> dict[str, dict[str, Any]]:
         # the full / slimfit_default work through TRL's SFTTrainer (run_trl)
         "trl_full": {"kind": "trl", "data_order": "recipe"},
         "trl_slimfit": {"kind": "trl", "slimfit": default, "data_order": "recipe"},
+        # diagnostics of trl_slimfit's gap: no compression; what the model's own forward saves outside
+        # every submodule (TRL's fused LM head: the hidden states it recomputes the logits from) exact
+        "trl_slimfit_nocomp": {"kind": "trl", "slimfit": nocomp, "data_order": "recipe"},
+        "trl_slimfit_topexact": {"kind": "trl", "slimfit": top_exact, "data_order": "recipe"},
         "slimfit_default": {"kind": "slimfit", "slimfit": default},
         "slimfit_rows": {"kind": "slimfit", "slimfit": rows},
         "slimfit_best": {"kind": "slimfit", "slimfit": best},
