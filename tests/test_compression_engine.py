@@ -375,9 +375,12 @@ def test_a_one_dimensional_statistic_is_saved_exactly():
     assert (lossy - exact).norm() > 1e-3 * exact.norm()
 
 
-def test_trls_fused_lm_head_keeps_its_log_normaliser_exact():
-    """TRL's SFTTrainer computes the loss with its fused LM head, which saves per-token log_z (and
-    entropy) as 1-D vectors: none reaches a compressor."""
+def test_trls_fused_lm_head_keeps_what_it_recomputes_the_logits_from_exact():
+    """TRL's SFTTrainer computes the loss with its fused LM head, which saves the hidden states
+    (tokens x hidden; backward recomputes every logit from them) and per-token log_z and entropy
+    (1-D). The vectors reach no compressor; the matrix, saved by the language model itself (kind
+    ``lm``), is kept exact: in int8 it biased the whole gradient (SmolLM2 SFT through TRL ended at
+    held-out loss 3.323 against 3.305 with it exact)."""
     trl_utils = pytest.importorskip("trl.trainer.utils")
     model = make_model("llama").train()
     trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy"))
@@ -385,8 +388,9 @@ def test_trls_fused_lm_head_keeps_its_log_normaliser_exact():
     chosen, pick = [], engine.compressor_for
 
     def spy(ctx):
-        chosen.append(ctx.shape)
-        return pick(ctx)
+        choice = pick(ctx)
+        chosen.append((ctx.module_path, ctx.module_kind, ctx.shape, choice[0]))
+        return choice
 
     engine.compressor_for = spy
     ids = torch.randint(0, 50, (8, 16), generator=torch.Generator().manual_seed(1))
@@ -394,5 +398,8 @@ def test_trls_fused_lm_head_keeps_its_log_normaliser_exact():
         out = model(input_ids=ids, labels=ids, fused_lm_head=True)
         (-out.log_probs.sum()).backward()
     engine.detach()
-    assert chosen and all(len(shape) >= 2 for shape in chosen)
-    assert engine.stats.by_compressor["-"][0] >= 2 * 8 * 15 * 4  # log_z and entropy, fp32, kept
+    assert chosen and all(len(shape) >= 2 for _, _, shape, _ in chosen)
+    saved_by_lm = [(shape, name) for path, kind, shape, name in chosen if path == ""]
+    assert saved_by_lm and all(kind == "lm" for path, kind, _, _ in chosen if path == "")
+    assert all(len(shape) == 2 and shape[-1] == 32 and name == "none" for shape, name in saved_by_lm), saved_by_lm
+    assert any(name == "int8" for path, _, _, name in chosen if path != "")  # the layers' tensors still packed

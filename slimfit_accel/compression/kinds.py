@@ -13,6 +13,10 @@ classes are called something else is still covered:
   functional glue, e.g. the two operands of a gated MLP's ``act(gate) * up``.
 - ``ffn_down``: the last projection child of an ``mlp`` (its input is the wide activation:
   ``down_proj``, ``c_proj``, ``fc2``, ``dense_4h_to_h``, T5's ``wo``).
+- ``lm``: a language model with an output head (``get_output_embeddings()`` is a module).
+  Tensors it saves itself, outside its children, are its loss's: the log-probabilities of
+  the standard cross-entropy, or the hidden states a fused LM-head loss (TRL's) recomputes its
+  logits from in backward.
 """
 
 from __future__ import annotations
@@ -31,6 +35,16 @@ _ACTIVATION_NAMES = ("*GELU*", "*SiLU*", "*Swish*", "*Mish*", "*Activation")
 def _is_projection(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     return isinstance(weight, nn.Parameter) and len(full_shape(weight)) == 2 and not isinstance(module, nn.Embedding)
+
+
+def _has_output_head(module: nn.Module) -> bool:
+    get = getattr(module, "get_output_embeddings", None)
+    if not callable(get):
+        return False
+    try:
+        return isinstance(get(), nn.Module)
+    except (AttributeError, NotImplementedError, TypeError):  # a model class without a head to give
+        return False
 
 
 def _activation_kind(module: nn.Module) -> str:
@@ -55,6 +69,8 @@ def module_kinds(model: nn.Module, norms: frozenset[int] = frozenset()) -> dict[
         kind = _activation_kind(module)
         if not kind and (id(module) in norms or isinstance(module, nn.LayerNorm)):
             kind = "norm"
+        if not kind and _has_output_head(module):
+            kind = "lm"
         if kind:
             kinds[path] = kind
     for path, module in model.named_modules():
