@@ -255,6 +255,19 @@ def test_compare_full_slimfit_lora_records_the_sft_scores_per_arm(assets, tmp_pa
     assert not any("modules_to_save" in name for name, _ in merged.named_parameters())
 
 
+def test_compare_in_bf16_gives_the_slimfit_arms_fp32_masters_on_host_and_full_accelerates_own(assets, tmp_path):
+    """--compare under --mixed-precision bf16: the SlimFit arm (which pages) keeps bf16 weights with fp32
+    masters on host; full fine-tuning is Accelerate's bf16 (fp32 weights); LISA (no paging) keeps fp32."""
+    out = tmp_path / "compare"
+    finetune.main(["--model", str(assets["llama"]), *files(assets), *SMALL, "--max-steps", "3", "--mixed-precision", "bf16",
+                   "--compare", "full,slimfit,lisa", "--output-dir", str(out)])
+    summaries = {arm: summary(out / arm) for arm in ("full", "slimfit", "lisa")}
+    assert summaries["slimfit"]["slimfit_config"]["master_weights"] == "host"
+    assert summaries["lisa"]["slimfit_config"]["master_weights"] is None and summaries["full"]["slimfit_config"] is None
+    params = {arm: s["memory"]["peak"]["params"] for arm, s in summaries.items()}
+    assert params["slimfit"] < 0.6 * params["full"] and params["lisa"] == params["full"]
+
+
 def test_compare_badam_galore_and_lisa(assets, tmp_path):
     out = tmp_path / "compare"
     finetune.main(["--model", str(assets["llama"]), *files(assets), *SMALL, "--compare", "full,badam,galore,lisa",
