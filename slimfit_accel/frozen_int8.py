@@ -78,11 +78,19 @@ _STORED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> its StoredW
 
 
 # ------------------------------------------------------------------------------ the format
+def rows_per_slice(matrix: torch.Tensor) -> int:
+    """Rows of ``matrix`` whose fp32 copy fits ``ROW_CHUNK_BYTES`` (at least one): the slice every
+    quantise / dequantise loop here works on, so its temporaries stay bounded."""
+    if not matrix.shape[0]:
+        return 1
+    return max(1, ROW_CHUNK_BYTES // max(1, 4 * matrix[0].numel()))
+
+
 def quantize_into(codes: torch.Tensor, scales: torch.Tensor, source: torch.Tensor) -> None:
     """Write ``source``'s int8 codes and per-row fp32 scales into ``codes`` and ``scales`` (on
     their device), a bounded slice of rows at a time. ``source`` may live on host."""
     rows = source.shape[0]
-    per = max(1, ROW_CHUNK_BYTES // max(1, 4 * source[0].numel())) if rows else 1
+    per = rows_per_slice(source)
     with torch.no_grad():
         for start in range(0, rows, per):
             block = source[start:start + per].to(codes.device, torch.float32)
@@ -105,7 +113,7 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) ->
     """``codes * scale`` per row, computed in fp32 and cast to ``dtype``, a bounded slice of rows at
     a time (the fp32 temporary is at most ``ROW_CHUNK_BYTES``, not the whole matrix's)."""
     out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
-    per = max(1, ROW_CHUNK_BYTES // max(1, 4 * codes[0].numel())) if codes.shape[0] else 1
+    per = rows_per_slice(codes)
     for start in range(0, codes.shape[0], per):
         out[start:start + per] = codes[start:start + per].to(torch.float32) * scales[start:start + per, None]
     return out
@@ -141,7 +149,7 @@ class StoredWeight:
         parameter's dtype, at most ``ROW_CHUNK_BYTES`` of fp32 rows at once (a whole weight when it
         is smaller), so a large frozen head is never dequantised whole (``chunked_loss.py``)."""
         rows = self.codes.shape[0]
-        per = max(1, ROW_CHUNK_BYTES // max(1, 4 * self.codes[0].numel())) if rows else 1
+        per = rows_per_slice(self.codes)
         if per >= rows:
             yield 0, self.dequantize()
             return
