@@ -69,22 +69,29 @@ TASKS: dict[str, dict[str, Any]] = {
     "speech_continuation": {"train_rows": 384, "test_rows": 400, "generate": 0, "eval_loss_rows": 400, "max_length": 128, "epochs": 1},
 }
 #: The lr a run takes when --lr is not given (peers: the middle of their sweep).
-DEFAULT_LR = {"full": 3e-5, "slimfit_default": 3e-5, "slimfit_rows": 3e-5, "slimfit_best": 3e-5, "slimfit_nocomp": 3e-5, "slimfit_unscaled": 3e-5, "slimfit_scale5": 3e-5, "slimfit_int8": 3e-5, "slimfit_fr07": 3e-4, "slimfit_fr06": 3e-4, "lisa": 3e-5, "lora": 3e-4, "badam": 3e-5, "galore": 1e-4,
+DEFAULT_LR = {"full": 3e-5, "slimfit_default": 3e-5, "slimfit_rows": 3e-5, "slimfit_best": 3e-5, "slimfit_nocomp": 3e-5, "slimfit_unscaled": 3e-5, "slimfit_scale5": 3e-5, "slimfit_int8": 3e-5, "slimfit_sft": 3e-5, "slimfit_sft_best": 3e-5, "slimfit_normlr": 3e-4, "slimfit_age1": 3e-4, "slimfit_age2": 3e-4, "slimfit_age4": 3e-4, "slimfit_fr07_noembed": 3e-4, "full_noembed": 3e-4, "slimfit_fr07": 3e-4, "slimfit_fr06": 3e-4, "lisa": 3e-5, "lora": 3e-4, "badam": 3e-5, "galore": 1e-4,
               "trl_full": 3e-5, "trl_slimfit": 3e-5, "trl_slimfit_nocomp": 3e-4, "trl_slimfit_topexact": 3e-4}
 LORA_RANK, GALORE_RANK, BEST_FREEZE_RATIO = 8, 128, 0.9
 
 
-def default_config() -> dict[str, Any]:
-    return yaml.safe_load((resources.files("slimfit_accel") / "configs" / "demo.yaml").read_text())
+def default_config(name: str = "demo.yaml") -> dict[str, Any]:
+    return yaml.safe_load((resources.files("slimfit_accel") / "configs" / name).read_text())
+
+
+def best_config(default: dict[str, Any]) -> dict[str, Any]:
+    """``benchmarks/memory.py``'s most memory-saving config built on ``default``: freeze ratio 0.9,
+    every block checkpointed, paging, compression, and for a decoder the loss 256 tokens a chunk."""
+    best = json.loads(json.dumps(default))
+    best["scheduler"] = {**best.get("scheduler", {"name": "ils"}), "freeze_ratio": BEST_FREEZE_RATIO}
+    best.update(checkpointing={"blocks": "all"}, optimizer_paging=True, compression="slimfit", chunked_loss={"chunk_size": 256})
+    return best
 
 
 def arms() -> dict[str, dict[str, Any]]:
     """Arm name -> its definition (plain data; its fingerprint decides whether a record is current)."""
     default = default_config()
-    best = json.loads(json.dumps(default))
-    best["scheduler"] = {**best.get("scheduler", {"name": "ils"}), "freeze_ratio": BEST_FREEZE_RATIO}
-    # as benchmarks/memory.py's slimfit_best for a decoder: also the loss 256 tokens a chunk
-    best.update(checkpointing={"blocks": "all"}, optimizer_paging=True, compression="slimfit", chunked_loss={"chunk_size": 256})
+    best = best_config(default)
+    sft = default_config("sft.yaml")  # the recipe's default for --task sft
     # the default with the tied embedding / LM head trainable by row ranges (the decoder-default question)
     rows = json.loads(json.dumps(default))
     rows["units"] = {**rows.get("units", {}), "row_chunks": True}
@@ -104,6 +111,19 @@ def arms() -> dict[str, dict[str, Any]]:
     top_exact = {**json.loads(json.dumps(default)), "compression": policy}
     # the default with frozen weights held as int8 + row scales (fp32 masters on host, trained units in fp32)
     int8 = {**json.loads(json.dumps(default)), "frozen_weights": "int8"}
+    # diagnostic: the default with the norm scales (picked nearly every step) at the base rate,
+    # lr_scale applied only to the matrices, which sit out most steps
+    norm_lr = {"kind": "slimfit", "slimfit": default, "norm_lr": "unscaled"}
+    # diagnostic: freeze ratio 0.7 with the tied embedding / LM head frozen (at 0.7 it fits the
+    # budget and takes most of it)
+    fr07_noembed = {"kind": "slimfit", "slimfit": fr07, "frozen": "embeddings"}
+    # diagnostic: ILS spreading the steps over units in proportion to their score (age_exponent 1)
+    age1 = json.loads(json.dumps(default))
+    age1["scheduler"] = {**age1["scheduler"], "age_exponent": 1.0}
+    age2 = json.loads(json.dumps(default))
+    age2["scheduler"] = {**age2["scheduler"], "age_exponent": 2.0}
+    age4 = json.loads(json.dumps(default))
+    age4["scheduler"] = {**age4["scheduler"], "age_exponent": 4.0}
     return {
         "full": {"kind": "full"},
         # the full / slimfit_default work through TRL's SFTTrainer (run_trl)
@@ -114,12 +134,21 @@ def arms() -> dict[str, dict[str, Any]]:
         "trl_slimfit_nocomp": {"kind": "trl", "slimfit": nocomp, "data_order": "recipe"},
         "trl_slimfit_topexact": {"kind": "trl", "slimfit": top_exact, "data_order": "recipe"},
         "slimfit_default": {"kind": "slimfit", "slimfit": default},
+        "slimfit_sft": {"kind": "slimfit", "slimfit": sft},
+        "slimfit_sft_best": {"kind": "slimfit", "slimfit": best_config(sft)},
         "slimfit_rows": {"kind": "slimfit", "slimfit": rows},
         "slimfit_best": {"kind": "slimfit", "slimfit": best},
         "slimfit_nocomp": {"kind": "slimfit", "slimfit": nocomp},
         "slimfit_unscaled": {"kind": "slimfit", "slimfit": unscaled},
         "slimfit_scale5": {"kind": "slimfit", "slimfit": scaled5},
         "slimfit_int8": {"kind": "slimfit", "slimfit": int8},
+        "slimfit_normlr": norm_lr,
+        "slimfit_age1": {"kind": "slimfit", "slimfit": age1},
+        "slimfit_age2": {"kind": "slimfit", "slimfit": age2},
+        "slimfit_age4": {"kind": "slimfit", "slimfit": age4},
+        "slimfit_fr07_noembed": fr07_noembed,
+        # diagnostic: full fine-tuning with the (tied) embedding / LM head frozen, as SlimFit's default leaves it
+        "full_noembed": {"kind": "full", "frozen": "embeddings"},
         "slimfit_fr07": {"kind": "slimfit", "slimfit": fr07},
         "slimfit_fr06": {"kind": "slimfit", "slimfit": fr06},
         "lisa": {"kind": "slimfit", "slimfit": {
@@ -230,13 +259,24 @@ def build(arm: dict[str, Any], model, lr: float, weight_decay: float, total_step
         config = json.loads(json.dumps(arm["slimfit"]))
         config["seed"] = seed
         config["memory_meter"] = "always"  # exact memory of every step
+        if arm.get("frozen") == "embeddings":  # frozen by the user: SlimFit leaves it so
+            model.get_input_embeddings().weight.requires_grad_(False)
         slimfit = SlimFit.from_config(config)
         model = slimfit.prepare_model(model)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        params: Any = model.parameters()
+        if arm.get("norm_lr") == "unscaled":  # 1-D tensors step at lr (lr / lr_scale, scaled back in the step)
+            named = list(model.named_parameters())
+            params = [{"params": [p for _, p in named if p.dim() > 1]},
+                      {"params": [p for _, p in named if p.dim() <= 1], "lr": lr / config.get("lr_scale", 1.0)}]
+        if arm.get("frozen"):
+            params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         slimfit.attach(None, model, optimizer, total_steps=total_steps)
         return model, optimizer, slimfit, None, extras
     if kind == "full":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        if arm.get("frozen") == "embeddings":
+            model.get_input_embeddings().weight.requires_grad_(False)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
         return model, optimizer, None, MemoryMeter(model, optimizer), extras
     if kind == "lora":
         from peft import LoraConfig, get_peft_model

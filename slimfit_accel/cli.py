@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     estimate.add_argument("--batch", type=int, required=True)
     estimate.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     estimate.add_argument("--task", choices=("causal-lm", "classification"), help="default: from the config's architectures")
-    estimate.add_argument("--slimfit-config", help="YAML the SlimFit arms start from (default: the packaged demo.yaml)")
+    estimate.add_argument("--slimfit-config", help="YAML the SlimFit arms start from (default: the packaged sft.yaml for a causal LM, demo.yaml for a classifier)")
     estimate.add_argument("--freeze-ratio", type=float, default=0.9, help="slimfit_best's freeze ratio")
     estimate.add_argument("--arms", nargs="+", help="subset of the arms (default: all)")
     estimate.add_argument("--device", choices=("cuda", "cpu"), default="cuda",

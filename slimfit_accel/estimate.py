@@ -59,6 +59,8 @@ from .errors import ConfigError
 
 GiB = 2**30
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+#: A causal LM's default, as the recipe's --task sft uses it.
+DEFAULT_DECODER_CONFIG = Path(__file__).resolve().parent / "configs" / "sft.yaml"
 #: GPUs of these sizes (GB as sold: the card's memory in GiB); a fit leaves CUDA_RESERVE free.
 GPU_SIZES_GB = (12, 16, 24, 48)
 #: What the CUDA context and allocator take before any tensor (a typical figure, not measured).
@@ -221,7 +223,7 @@ class Setup:
     batch: int
     precision: str = "bf16"  # bf16 (mixed; pure-bf16 arm too) or fp32
     task: str | None = None  # causal-lm or classification; None: from the config
-    slimfit_config: Mapping[str, Any] | None = None  # base of the SlimFit arms (default: demo.yaml)
+    slimfit_config: Mapping[str, Any] | None = None  # base of the SlimFit arms (default: default_config_path)
     freeze_ratio: float = 0.9  # slimfit_best's
     seed: int = 0
     steps: int = 2  # measured steps after one warm-up, as benchmarks/memory.py
@@ -261,7 +263,12 @@ class Setup:
     def base_slimfit(self) -> dict[str, Any]:
         if self.slimfit_config is not None:
             return copy.deepcopy(dict(self.slimfit_config))
-        return yaml.safe_load(DEFAULT_CONFIG.read_text())
+        return yaml.safe_load(self.default_config_path.read_text())
+
+    @property
+    def default_config_path(self) -> Path:
+        """The packaged default the recipe uses for this task: sft.yaml for a causal LM, else demo.yaml."""
+        return DEFAULT_DECODER_CONFIG if self.task == "causal-lm" else DEFAULT_CONFIG
 
     def build_model(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -458,7 +465,7 @@ def slimfit_best_config(setup: Setup) -> dict[str, Any]:
 
 def arm_slimfit_default(setup: Setup) -> Arm:
     config = slimfit_default_config(setup)
-    note = "the given SlimFit config" if setup.slimfit_config else "the packaged default config (demo.yaml)"
+    note = "the given SlimFit config" if setup.slimfit_config else f"the packaged default config ({setup.default_config_path.name})"
     if setup.bf16 and config.get("master_weights") == "host":
         note += ", bf16 weights, fp32 masters on host (as the recipe's --mixed-precision bf16)"
     return slimfit_arm(setup, config, note=note)

@@ -37,7 +37,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
@@ -98,9 +97,13 @@ def build_slimfit(source: str | dict | SlimFitConfig, mixed_precision: str | Non
     return SlimFit.from_config(source if changed is config else changed, memory_meter="always")
 
 
-def default_slimfit_config() -> str:
-    """The packaged demo config (a copy to edit lives in ``launch/configs/demo.yaml``)."""
-    return str(resources.files("slimfit_accel") / "configs" / "demo.yaml")
+def default_slimfit_config(task: str | None = None) -> str:
+    """The packaged default config for ``task``: ``sft.yaml`` for supervised fine-tuning of a
+    decoder (every tensor given its turn: measured better there), else the demo config (a copy
+    to edit lives in ``launch/configs/demo.yaml``)."""
+    from .configs import packaged_config
+
+    return packaged_config("sft" if task == "sft" else "demo")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "sft also trains on plain 'text' rows (language modelling)")
     slimfit = parser.add_mutually_exclusive_group()
     slimfit.add_argument("--slimfit-config", metavar="PATH", default=None,
-                         help="SlimFit YAML config (default: the packaged demo config)")
+                         help="SlimFit YAML config (default: the packaged demo config; for --task sft the packaged sft.yaml)")
     slimfit.add_argument("--no-slimfit", action="store_true",
                          help="plain full fine-tuning, for comparison")
     parser.add_argument("--model", metavar="PATH|NAME", default=None,
@@ -292,7 +295,7 @@ def check_inputs(args: argparse.Namespace, task: Task | None = None) -> Plan:
             if given:
                 raise RecipeError(f"{flag} is for supervised fine-tuning, and these rows make a classification task; "
                                   f"pass --task sft with 'messages', 'prompt' + 'completion' or 'text' rows")
-    config = args.slimfit_config or default_slimfit_config()
+    config = args.slimfit_config or default_slimfit_config(args.task)
     if args.compare:
         from slimfit_accel.recipes.compare import arm_slimfits
 

@@ -34,9 +34,10 @@ def models(tmp_path_factory):
     return {"bert": write_bert(root / "bert"), "gpt2": write_gpt2(root / "gpt2"), "vit": write_vit(root / "vit")}
 
 
+@pytest.mark.parametrize("packaged_name", ["demo.yaml", "sft.yaml"])
 @pytest.mark.parametrize("model", ["bert", "gpt2", "vit"])
-def test_check_config_makes_the_first_decision_on_the_models_units(models, model, capsys):
-    packaged = str(Path(__file__).resolve().parents[1] / "slimfit_accel" / "configs" / "demo.yaml")
+def test_check_config_makes_the_first_decision_on_the_models_units(models, model, packaged_name, capsys):
+    packaged = str(Path(__file__).resolve().parents[1] / "slimfit_accel" / "configs" / packaged_name)
     assert main(["check-config", packaged, "--model", str(models[model])]) == 0
     out = capsys.readouterr().out
     assert "1 always-trained units" in out  # the symbolic head: classifier, or GPT-2's score

@@ -90,6 +90,9 @@ def test_json_gives_every_arm_and_category(llama_dir, capsys):
         assert set(planner.CATEGORY_LABELS) <= set(arm) and set(arm["fits"]) == {"12GB", "16GB", "24GB", "48GB"}
         assert arm["device_total"] == arm["meter_total"] + arm["working_set"]
     assert data["arms"][2]["weights"] < data["arms"][1]["weights"]
+    # a causal LM's SlimFit arms start from the recipe's default for --task sft
+    sft = yaml.safe_load((Path(planner.__file__).parent / "configs" / "sft.yaml").read_text())
+    assert data["arms"][1]["slimfit_config"]["scheduler"] == {**sft["scheduler"], "freeze_ratio": 0.9}
 
 
 def test_a_folder_without_config_json_is_one_line_exit_2(tmp_path, capsys):
