@@ -99,8 +99,8 @@ def build_slimfit(source: str | dict | SlimFitConfig, mixed_precision: str | Non
 
 def default_slimfit_config(task: str | None = None) -> str:
     """The packaged default config for ``task``: ``sft.yaml`` for supervised fine-tuning of a
-    decoder (every tensor given its turn: measured better there), else the demo config (a copy
-    to edit lives in ``launch/configs/demo.yaml``)."""
+    decoder (the tensors take turns: lower held-out loss there, ``benchmarks/RESULTS.md``), else
+    the demo config (a copy to edit lives in ``launch/configs/demo.yaml``)."""
     from .configs import packaged_config
 
     return packaged_config("sft" if task == "sft" else "demo")
