@@ -58,9 +58,6 @@ import yaml
 from .errors import ConfigError
 
 GiB = 2**30
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
-#: A causal LM's default, as the recipe's --task sft uses it.
-DEFAULT_DECODER_CONFIG = Path(__file__).resolve().parent / "configs" / "sft.yaml"
 #: GPUs of these sizes (GB as sold: the card's memory in GiB); a fit leaves CUDA_RESERVE free.
 GPU_SIZES_GB = (12, 16, 24, 48)
 #: What the CUDA context and allocator take before any tensor (a typical figure, not measured).
@@ -268,7 +265,9 @@ class Setup:
     @property
     def default_config_path(self) -> Path:
         """The packaged default the recipe uses for this task: sft.yaml for a causal LM, else demo.yaml."""
-        return DEFAULT_DECODER_CONFIG if self.task == "causal-lm" else DEFAULT_CONFIG
+        from .configs import packaged_config
+
+        return Path(packaged_config("sft" if self.task == "causal-lm" else "demo"))
 
     def build_model(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
