@@ -26,6 +26,22 @@ def as_groups(tensor: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return flat.float().reshape(-1, group_size)
 
 
+def native_rows(tensor: torch.Tensor, group_size: int | None) -> torch.Tensor | None:
+    """``tensor`` shaped so its last dimension holds the groups :func:`as_groups` would make, in
+    its own dtype and without a copy where it can be, when the fused CPU kernels
+    (:mod:`.native`) can pack it (CPU float32/bfloat16, no padding needed); else None."""
+    from . import native
+
+    if not native.covers(tensor) or tensor.numel() == 0:
+        return None
+    tensor = tensor.detach()
+    if group_size is None:
+        return tensor.reshape(1, 1) if tensor.dim() == 0 else tensor
+    if tensor.numel() % group_size:
+        return None
+    return tensor.reshape(-1, group_size)
+
+
 def from_groups(groups: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of :func:`as_groups`: drop the padding, restore ``shape`` and ``dtype``."""
     numel = 1

@@ -26,7 +26,8 @@ from typing import NamedTuple
 
 import torch
 
-from slimfit_accel.compression.packing import absmax_scale, as_groups, from_groups
+from slimfit_accel.compression import native
+from slimfit_accel.compression.packing import absmax_scale, as_groups, from_groups, native_rows
 from slimfit_accel.hookspecs import SavedTensorContext, hookimpl
 
 
@@ -56,6 +57,11 @@ class Int8Scaled:
             raise ValueError(f"int8: group_size must be a positive integer or null, got {self.group_size}")
 
     def pack(self, tensor: torch.Tensor, ctx: SavedTensorContext | None = None) -> Int8Packed:
+        rows = native_rows(tensor, self.group_size)
+        if rows is not None:  # the fused CPU kernel: the same codes and scales in one pass
+            packed = native.log_pack(rows) if self.log_domain else native.int8_pack(rows)
+            if packed is not None:
+                return Int8Packed(packed[0], packed[1], tensor.shape, tensor.dtype)
         if self.log_domain:
             groups = as_groups(tensor, self.group_size).float()
             low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
@@ -71,6 +77,9 @@ class Int8Scaled:
         return Int8Packed(codes, scale, tensor.shape, tensor.dtype)
 
     def unpack(self, packed: Int8Packed) -> torch.Tensor:
+        if packed.codes.dim() == 2 and native.covers_unpacked(packed.codes, packed.dtype):
+            unpack = native.log_unpack if packed.codes.dtype == torch.uint8 else native.int8_unpack
+            return from_groups(unpack(packed.codes, packed.scale, packed.dtype), packed.shape, packed.dtype)
         if packed.codes.dtype == torch.uint8:  # log domain: step and offset per row
             step, low = packed.scale.split(1, dim=-1)
             values = packed.codes.to(torch.float32).mul_(step).add_(low)
