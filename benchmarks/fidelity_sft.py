@@ -24,7 +24,7 @@ projected Adam state on the blocks' matrices); ``trl_slimfit`` / ``trl_full``: t
 through TRL's ``SFTTrainer`` (with / without ``SlimFitCallback`` and the default config), see
 ``run_trl`` (``trl_slimfit_sft``: with ``sft.yaml``). Diagnostics of the speech task's gap (one
 setting changed each): ``slimfit_normlr`` (norm scales at the base rate), ``slimfit_age1`` /
-``slimfit_age2`` / ``slimfit_age4`` (ILS ``age_exponent``), ``slimfit_fr07_noembed`` (freeze
+``slimfit_age15`` / ``slimfit_age2`` / ``slimfit_age4`` (ILS ``age_exponent``), ``slimfit_fr07_noembed`` (freeze
 ratio 0.7 with the tied embedding frozen by the user), ``full_noembed`` (full fine-tuning with
 the tied embedding frozen). Each run appends its record to the results JSON
 at once; a run already recorded (same task, arm, lr, seed, arm definition and setting) is
@@ -77,7 +77,7 @@ TASKS: dict[str, dict[str, Any]] = {
     "speech_continuation": {"train_rows": 384, "test_rows": 400, "generate": 0, "eval_loss_rows": 400, "max_length": 128, "epochs": 1},
 }
 #: The lr a run takes when --lr is not given (peers: the middle of their sweep).
-DEFAULT_LR = {"full": 3e-5, "slimfit_default": 3e-5, "slimfit_rows": 3e-5, "slimfit_best": 3e-5, "slimfit_nocomp": 3e-5, "slimfit_unscaled": 3e-5, "slimfit_scale5": 3e-5, "slimfit_int8": 3e-5, "slimfit_sft": 3e-5, "slimfit_sft_best": 3e-5, "slimfit_normlr": 3e-4, "slimfit_age1": 3e-4, "slimfit_age2": 3e-4, "slimfit_age4": 3e-4, "slimfit_fr07_noembed": 3e-4, "full_noembed": 3e-4, "slimfit_fr07": 3e-4, "slimfit_fr06": 3e-4, "lisa": 3e-5, "lora": 3e-4, "badam": 3e-5, "galore": 1e-4,
+DEFAULT_LR = {"full": 3e-5, "slimfit_default": 3e-5, "slimfit_rows": 3e-5, "slimfit_best": 3e-5, "slimfit_nocomp": 3e-5, "slimfit_unscaled": 3e-5, "slimfit_scale5": 3e-5, "slimfit_int8": 3e-5, "slimfit_sft": 3e-5, "slimfit_sft_best": 3e-5, "slimfit_normlr": 3e-4, "slimfit_age1": 3e-4, "slimfit_age15": 3e-4, "slimfit_age2": 3e-4, "slimfit_age4": 3e-4, "slimfit_fr07_noembed": 3e-4, "full_noembed": 3e-4, "slimfit_fr07": 3e-4, "slimfit_fr06": 3e-4, "lisa": 3e-5, "lora": 3e-4, "badam": 3e-5, "galore": 1e-4,
               "trl_full": 3e-5, "trl_slimfit": 3e-5, "trl_slimfit_sft": 2.2e-4, "trl_slimfit_nocomp": 3e-4, "trl_slimfit_topexact": 3e-4}
 LORA_RANK, GALORE_RANK, BEST_FREEZE_RATIO = 8, 128, 0.9
 
@@ -128,6 +128,8 @@ def arms() -> dict[str, dict[str, Any]]:
     # diagnostic: ILS spreading the steps over units in proportion to their score (age_exponent 1)
     age1 = json.loads(json.dumps(default))
     age1["scheduler"] = {**age1["scheduler"], "age_exponent": 1.0}
+    age15 = json.loads(json.dumps(default))
+    age15["scheduler"] = {**age15["scheduler"], "age_exponent": 1.5}
     age2 = json.loads(json.dumps(default))
     age2["scheduler"] = {**age2["scheduler"], "age_exponent": 2.0}
     age4 = json.loads(json.dumps(default))
@@ -153,6 +155,7 @@ def arms() -> dict[str, dict[str, Any]]:
         "slimfit_int8": {"kind": "slimfit", "slimfit": int8},
         "slimfit_normlr": norm_lr,
         "slimfit_age1": {"kind": "slimfit", "slimfit": age1},
+        "slimfit_age15": {"kind": "slimfit", "slimfit": age15},
         "slimfit_age2": {"kind": "slimfit", "slimfit": age2},
         "slimfit_age4": {"kind": "slimfit", "slimfit": age4},
         "slimfit_fr07_noembed": fr07_noembed,
