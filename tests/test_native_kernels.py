@@ -81,6 +81,7 @@ def test_odd_widths_and_strided_views(compressor, torch_code):
     q = torch.randn(2, 64, 3, 64).transpose(1, 2)  # attention operands: a strided view
     _assert_identical(compressor, q, torch_code)
     _assert_identical(compressor, torch.randn(10, 4, 50)[:, :, 1:49], torch_code)
+    _assert_identical(compressor, torch.randn(5, 3, 4, 2, 16).permute(3, 1, 4, 0, 2)[..., :8].transpose(-1, -2).contiguous().transpose(1, 2), torch_code)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -34,38 +34,45 @@ static inline uint16_t float_to_bf16(float f) {
  * dimension is contiguous (nlead 0: a contiguous matrix), so strided views (attention's
  * transposed operands) are read in place instead of copied first. */
 typedef struct {
-    int64_t sizes[8];
-    int64_t strides[8];
+    int64_t sizes[8];       /* leading dimensions, in the order they are walked (memory order) */
+    int64_t strides[8];     /* their strides in the input, in elements */
+    int64_t out_strides[8]; /* their strides in the output's rows (logical order) */
     int32_t nlead;
 } Layout;
 
-/* Walks the rows' offsets (in elements) in order: index arithmetic once, then a carry per row. */
+/* Walks the rows in memory order: the input offset (elements) and the output row of each, index
+ * arithmetic once, then a carry per row. Rows are written in logical order wherever they are read. */
 typedef struct {
     const Layout* layout;
     int64_t index[8];
     int64_t offset;
+    int64_t out_row;
     int64_t width;
 } RowWalk;
 
 static inline void walk_start(RowWalk* walk, const Layout* layout, int64_t row, int64_t width) {
     walk->layout = (layout != NULL && layout->nlead > 0) ? layout : NULL;
     walk->width = width;
-    if (walk->layout == NULL) { walk->offset = row * width; return; }
+    if (walk->layout == NULL) { walk->offset = row * width; walk->out_row = row; return; }
     walk->offset = 0;
+    walk->out_row = 0;
     for (int d = layout->nlead - 1; d >= 0; --d) {
         walk->index[d] = row % layout->sizes[d];
         walk->offset += walk->index[d] * layout->strides[d];
+        walk->out_row += walk->index[d] * layout->out_strides[d];
         row /= layout->sizes[d];
     }
 }
 
 static inline void walk_next(RowWalk* walk) {
     const Layout* layout = walk->layout;
-    if (layout == NULL) { walk->offset += walk->width; return; }
+    if (layout == NULL) { walk->offset += walk->width; walk->out_row += 1; return; }
     for (int d = layout->nlead - 1; d >= 0; --d) {
         walk->offset += layout->strides[d];
+        walk->out_row += layout->out_strides[d];
         if (++walk->index[d] < layout->sizes[d]) return;
         walk->offset -= walk->index[d] * layout->strides[d];
+        walk->out_row -= walk->index[d] * layout->out_strides[d];
         walk->index[d] = 0;
     }
 }
@@ -137,9 +144,9 @@ int sf_int8_pack(const void* x, int bf16, int64_t rows, int64_t width, int8_t* c
         const float* row = load_row(x, bf16, walk.offset, width, buf);
         float s;
         if ((status = absmax(row, width, 127.0f, &s))) break;
-        scale[r] = s;
+        scale[walk.out_row] = s;
         float inv = 1.0f / s;
-        int8_t* out = codes + r * width;
+        int8_t* out = codes + walk.out_row * width;
         for (int64_t i = 0; i < width; ++i) out[i] = (int8_t)(int32_t)rintf(row[i] * inv);
     }
     free(buf);
@@ -175,13 +182,13 @@ int sf_int4_pack(const void* x, int bf16, int64_t rows, int64_t width, uint8_t* 
         const float* row = load_row(x, bf16, walk.offset, width, buf);
         float s;
         if ((status = absmax(row, width, 7.0f, &s))) break;
-        scale[r] = s;
+        scale[walk.out_row] = s;
         for (int64_t i = 0; i < width; ++i) {
             float q = rintf(row[i] / s);
             q = q < -7.0f ? -7.0f : (q > 7.0f ? 7.0f : q);
             codes[i] = (uint8_t)((int32_t)q + 8);
         }
-        uint8_t* out = nibbles + r * (width / 2);
+        uint8_t* out = nibbles + walk.out_row * (width / 2);
         for (int64_t j = 0; j < width / 2; ++j) out[j] = (uint8_t)((codes[2 * j + 1] << 4) | codes[2 * j]);
     }
     free(codes);
@@ -227,9 +234,9 @@ int sf_log_pack(const void* x, int bf16, int64_t rows, int64_t width, uint8_t* c
         low = low > floor_ ? low : floor_;
         float step = (high - low) / 255.0f;
         step = step > 1.17549435e-38f ? step : 1.17549435e-38f;
-        step_low[2 * r] = step;
-        step_low[2 * r + 1] = low;
-        uint8_t* out = codes + r * width;
+        step_low[2 * walk.out_row] = step;
+        step_low[2 * walk.out_row + 1] = low;
+        uint8_t* out = codes + walk.out_row * width;
         for (int64_t i = 0; i < width; ++i) {
             float d = row[i] - low;
             d = d < 0.0f ? 0.0f : d;

@@ -140,7 +140,8 @@ def _by_rows(kernel: Callable, rows: int, width: int, arguments: Callable[[int, 
 class _Layout(ctypes.Structure):
     """``Layout`` in kernels.c: the leading sizes and strides of a strided view's rows."""
 
-    _fields_ = [("sizes", ctypes.c_int64 * 8), ("strides", ctypes.c_int64 * 8), ("nlead", ctypes.c_int32)]
+    _fields_ = [("sizes", ctypes.c_int64 * 8), ("strides", ctypes.c_int64 * 8), ("out_strides", ctypes.c_int64 * 8),
+                ("nlead", ctypes.c_int32)]
 
 
 def _rows_layout(tensor: torch.Tensor) -> tuple[torch.Tensor, _Layout | None]:
@@ -149,10 +150,16 @@ def _rows_layout(tensor: torch.Tensor) -> tuple[torch.Tensor, _Layout | None]:
         return tensor, None
     if tensor.stride(-1) != 1 or tensor.dim() - 1 > 8:
         return tensor.contiguous(), None
+    lead = tensor.dim() - 1
+    out_strides = [1] * lead  # a row's index in the logical (row-major) order
+    for d in range(lead - 2, -1, -1):
+        out_strides[d] = out_strides[d + 1] * tensor.shape[d + 1]
+    # walk the dimensions from the largest stride to the smallest: memory order, cache-friendly
+    order = sorted(range(lead), key=lambda d: -tensor.stride(d))
     layout = _Layout()
-    layout.nlead = tensor.dim() - 1
-    for d in range(tensor.dim() - 1):
-        layout.sizes[d], layout.strides[d] = tensor.shape[d], tensor.stride(d)
+    layout.nlead = lead
+    for i, d in enumerate(order):
+        layout.sizes[i], layout.strides[i], layout.out_strides[i] = tensor.shape[d], tensor.stride(d), out_strides[d]
     return tensor, layout
 
 
@@ -167,9 +174,8 @@ def _pack(kernel_name: str, tensor: torch.Tensor, code_dtype: torch.dtype, code_
     x, c, s = tensor.data_ptr(), codes.data_ptr(), scale.data_ptr()
     layout_ref = ctypes.byref(layout) if layout is not None else None
 
-    def arguments(lo: int, hi: int) -> tuple:
-        return (x, bf16, hi - lo, width, c + lo * code_width * codes.element_size(), s + lo * scale_width * 4,
-                lo, layout_ref)
+    def arguments(lo: int, hi: int) -> tuple:  # the kernel writes each row at its own place
+        return (x, bf16, hi - lo, width, c, s, lo, layout_ref)
 
     if _by_rows(kernel, rows, width, arguments):
         return None
