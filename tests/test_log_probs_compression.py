@@ -88,3 +88,45 @@ def test_extreme_rows_pack_finite(dtype):
     assert back[0, 3] == 0 and back[0].float().exp().sum().item() == pytest.approx(1.0, abs=1e-6)
     assert torch.allclose(back[1].float(), x[1].float())
     assert torch.allclose(back[2:].float().exp().sum(-1), torch.ones(2), atol=0.02)
+
+
+def test_log_probs_saved_twice_are_unpacked_once_with_the_same_gradients(monkeypatch):
+    """Cross-entropy saves its log-probabilities twice (log-softmax and NLL loss): one unpack
+    serves both backwards, the gradients equal those of unpacking each time, bit for bit."""
+    hidden, embedding, bias, targets = lm_like(3)
+    policy = CompressionPolicy(rules=[Rule(role="log_probs", compressor={"name": "int8", "log_domain": True})])
+    unpacks = []
+    unpack = Int8Scaled.unpack
+
+    def counted(self, packed):
+        if self.log_domain:
+            unpacks.append(packed.codes.shape)
+        return unpack(self, packed)
+
+    monkeypatch.setattr(Int8Scaled, "unpack", counted)
+    reused = grads(hidden, embedding, bias, targets, policy)
+    assert len(unpacks) == 1
+    from slimfit_accel.compression import engine
+
+    original = engine._Saved.__init__
+
+    def no_reuse(self, *args, reuse=False, **kwargs):
+        original(self, *args, reuse=False, **kwargs)
+
+    monkeypatch.setattr(engine._Saved, "__init__", no_reuse)
+    unpacks.clear()
+    each = grads(hidden, embedding, bias, targets, policy)
+    assert len(unpacks) == 2
+    for a, b in zip(reused, each):
+        assert torch.equal(a, b)
+
+
+def test_a_reused_unpack_is_dropped_after_its_last_use_and_retain_graph_works():
+    hidden, embedding, bias, targets = lm_like(4)
+    policy = CompressionPolicy(rules=[Rule(role="log_probs", compressor={"name": "int8", "log_domain": True})])
+    hidden = hidden.clone().requires_grad_(True)
+    with compressed_activations(nn.Identity(), policy, compressors=FACTORIES):
+        loss = nn.functional.cross_entropy(hidden @ embedding.T + bias, targets)
+    first = torch.autograd.grad(loss, hidden, retain_graph=True)[0]
+    second = torch.autograd.grad(loss, hidden)[0]
+    assert torch.equal(first, second)

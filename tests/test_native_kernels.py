@@ -152,3 +152,17 @@ def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setenv("SLIMFIT_NATIVE_KERNELS", "0")
     assert not native.available()
     assert native.covers(torch.randn(3)) is False
+
+
+def test_fake_and_meta_tensors_take_the_torch_code():
+    """The planner runs real steps on fake tensors: they have no memory for a kernel to read."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.randn(8, 64)
+        assert not native.covers(x)
+        packed = Int8Scaled().pack(x)
+        assert Int8Scaled().unpack(packed).shape == (8, 64)
+        packed4 = Int4Scaled().pack(x)
+        assert Int4Scaled().unpack(packed4).shape == (8, 64)
+    assert not native.covers(torch.randn(8, 64, device="meta"))

@@ -53,13 +53,21 @@ KEPT = "-"  # by_compressor name for tensors kept as they are (not floating, too
 
 
 class _Saved:
-    """What autograd holds instead of a saved tensor; releases its bytes when freed."""
+    """What autograd holds instead of a saved tensor; releases its bytes when freed.
 
-    __slots__ = ("packed", "compressor", "dtype", "raw", "nbytes", "counter", "__weakref__")
+    ``saves``: how many autograd nodes hold it. With ``reuse`` (a loss's log-probabilities, saved
+    by both the log-softmax and the NLL loss, whose backwards run one right after the other) the
+    first unpack is handed to the remaining ones instead of decompressing again: the same values,
+    and no more memory at the peak (the second node would allocate the same tensor anyway).
+    """
 
-    def __init__(self, packed, compressor, dtype, raw, nbytes, counter):
+    __slots__ = ("packed", "compressor", "dtype", "raw", "nbytes", "counter", "saves", "reuse", "cached", "left",
+                 "__weakref__")
+
+    def __init__(self, packed, compressor, dtype, raw, nbytes, counter, reuse=False):
         self.packed, self.compressor, self.dtype = packed, compressor, dtype
         self.raw, self.nbytes, self.counter = raw, nbytes, counter
+        self.saves, self.reuse, self.cached, self.left = 1, reuse, None, 0
 
     def __del__(self) -> None:
         self.counter.release(self.raw, self.nbytes)
@@ -231,12 +239,14 @@ class CompressionEngine:
             ref = seen.holders.get(slot)
             holder = ref() if ref is not None else None
             if holder is not None:
+                holder.saves += 1
                 return holder
 
         packed = compressor.pack(tensor, ctx) if compressor is not None else tensor
         raw = tensor_bytes(tensor) if first else 0
         nbytes = packed_bytes(packed)
-        holder = _Saved(packed, compressor, tensor.dtype, raw, nbytes, self._counter)
+        holder = _Saved(packed, compressor, tensor.dtype, raw, nbytes, self._counter,
+                        reuse=compressor is not None and role == "log_probs")
         self._counter.add(name, raw, nbytes)
         if seen is not None:
             seen.holders[slot] = weakref.ref(holder)
@@ -265,8 +275,17 @@ class CompressionEngine:
             return saved
         if saved.compressor is None:
             return saved.packed
+        if saved.cached is not None:  # a reused unpack (log-probabilities): handed on, then dropped
+            tensor = saved.cached
+            saved.left -= 1
+            if saved.left <= 0:
+                saved.cached = None
+            return tensor
         tensor = saved.compressor.unpack(saved.packed)
-        return tensor if tensor.dtype == saved.dtype else tensor.to(saved.dtype)
+        tensor = tensor if tensor.dtype == saved.dtype else tensor.to(saved.dtype)
+        if saved.reuse and saved.saves > 1:
+            saved.cached, saved.left = tensor, saved.saves - 1
+        return tensor
 
 
 @contextmanager

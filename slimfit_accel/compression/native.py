@@ -114,14 +114,21 @@ def available() -> bool:
     return _load() is not None
 
 
+def _plain_cpu(tensor: torch.Tensor) -> bool:
+    """A dense CPU tensor with real memory: not a fake or meta tensor (the planner runs steps on
+    fake tensors), not a tensor subclass (functional, distributed), not sparse."""
+    return type(tensor) in (torch.Tensor, torch.nn.Parameter) and tensor.device.type == "cpu" \
+        and tensor.layout == torch.strided
+
+
 def covers(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` (about to be packed) can take the fused path."""
-    return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.bfloat16) and available()
+    return _plain_cpu(tensor) and tensor.dtype in (torch.float32, torch.bfloat16) and available()
 
 
 def covers_unpacked(codes: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether packed ``codes`` (to come back as ``dtype``) can take the fused path."""
-    return codes.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and available()
+    return _plain_cpu(codes) and dtype in (torch.float32, torch.bfloat16) and available()
 
 
 def _by_rows(kernel: Callable, rows: int, width: int, arguments: Callable[[int, int], tuple]) -> int:
