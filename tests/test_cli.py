@@ -74,7 +74,7 @@ def test_packaged_config_gives_each_packaged_yaml_and_refuses_other_names():
     from slimfit_accel import load_config
     from slimfit_accel.configs import packaged_config
 
-    assert load_config(packaged_config("sft")).scheduler.model_dump()["age_exponent"] == 2.0
+    assert load_config(packaged_config("sft")).scheduler.model_dump()["age_exponent"] == 1.5
     assert "age_exponent" not in load_config(packaged_config("demo")).scheduler.model_dump()
     with pytest.raises(ValueError, match="no packaged SlimFit config 'llama'; packaged: demo, sft"):
         packaged_config("llama")
