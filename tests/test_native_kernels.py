@@ -166,3 +166,23 @@ def test_fake_and_meta_tensors_take_the_torch_code():
         packed4 = Int4Scaled().pack(x)
         assert Int4Scaled().unpack(packed4).shape == (8, 64)
     assert not native.covers(torch.randn(8, 64, device="meta"))
+
+
+def test_unwritable_cache_warns_and_uses_torch_code(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("SLIMFIT_KERNEL_CACHE", str(blocker / "kernels"))
+    with pytest.warns(UserWarning, match="SLIMFIT_KERNEL_CACHE"):
+        assert not native.available()
+    assert Int8Scaled().pack(torch.randn(4, 8)).codes.dtype == torch.int8
+
+
+def test_damaged_library_warns_and_uses_torch_code(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("SLIMFIT_KERNEL_CACHE", str(tmp_path))
+    native._target(native._compiler()).write_bytes(b"not a shared library")  # noqa: SLF001
+    with pytest.warns(UserWarning, match="delete the file"):
+        assert not native.available()

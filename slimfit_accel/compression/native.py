@@ -61,33 +61,37 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("SLIMFIT_KERNEL_CACHE") or Path.home() / ".cache" / "slimfit_accel" / "kernels")
 
 
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _target(compiler: str) -> Path:
+    """The cached library for this source, compiler, flags and CPU."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + compiler.encode() + _cpu_fingerprint().encode()
+                         + platform.machine().encode() + sys.platform.encode()).hexdigest()[:16]
+    return _cache_dir() / f"slimfit_kernels_{key}.so"
+
+
 def _build() -> ctypes.CDLL | None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    compiler = _compiler()
     if compiler is None:
         warnings.warn("SlimFit: no C compiler found; activation compression runs its slower torch code "
                       "(install gcc or clang for the fused CPU kernels)", stacklevel=3)
         return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + compiler.encode() + _cpu_fingerprint().encode()
-                         + platform.machine().encode() + sys.platform.encode()).hexdigest()[:16]
-    target = _cache_dir() / f"slimfit_kernels_{key}.so"
+    target = _target(compiler)
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # build beside the target and rename: concurrent processes never load a half-written file
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-            built = Path(scratch) / target.name
-            try:
-                result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
-                                        capture_output=True, text=True, timeout=120)
-                error = result.stderr[-2000:] if result.returncode != 0 else None
-            except (OSError, subprocess.SubprocessError) as exc:
-                error = str(exc)
-            if error is not None:
-                warnings.warn(f"SlimFit: building the fused compression kernels with {compiler} failed; "
-                              f"activation compression runs its slower torch code:\n{error}", stacklevel=3)
-                return None
-            os.replace(built, target)
-    library = ctypes.CDLL(str(target))
+        error = _compile(compiler, target)
+        if error is not None:
+            warnings.warn(f"SlimFit: building the fused compression kernels with {compiler} into {target.parent} "
+                          f"failed; activation compression runs its slower torch code (set SLIMFIT_KERNEL_CACHE to a "
+                          f"writable folder, or SLIMFIT_NATIVE_KERNELS=0 to silence this):\n{error}", stacklevel=3)
+            return None
+    try:
+        library = ctypes.CDLL(str(target))
+    except OSError as exc:  # a damaged cache file: say so, run the torch code
+        warnings.warn(f"SlimFit: loading the fused compression kernels {target} failed ({exc}); activation "
+                      "compression runs its slower torch code (delete the file to rebuild it)", stacklevel=3)
+        return None
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for name in ("sf_int8_pack", "sf_int4_pack", "sf_log_pack"):
         getattr(library, name).argtypes = [pointer, i32, i64, i64, pointer, pointer, i64, pointer]
@@ -96,6 +100,23 @@ def _build() -> ctypes.CDLL | None:
         getattr(library, name).argtypes = [pointer, pointer, i64, i64, pointer, i32]
         getattr(library, name).restype = i32
     return library
+
+
+def _compile(compiler: str, target: Path) -> str | None:
+    """Build the library at ``target``; the error text if it failed. Built beside the target and
+    renamed, so concurrent processes never load a half-written file."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+                                    capture_output=True, text=True, timeout=120)
+            if result.returncode != 0:
+                return result.stderr[-2000:] or f"exit status {result.returncode}"
+            os.replace(built, target)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _load() -> ctypes.CDLL | None:
