@@ -3,11 +3,12 @@
  * Each function computes exactly what the built-in compressors' torch code computes, in the same
  * float32 operations (no fused multiply-add: built with -ffp-contract=off), so codes, scales and
  * unpacked values are bit-identical (tests/test_native_kernels.py). A row is one quantization
- * group; rows are read once into cache-sized chunks, so the second pass costs no memory traffic.
- * Rows may be strided (a view whose last dimension is contiguous). Inputs are float32 or bfloat16 (bits read directly; the torch code widens them to float32
- * first, which is exact). Return 0 on success; 1 when a row holds a value the fused path does
- * not reproduce bit for bit (NaN, or an infinity where the torch code would make NaN scales):
- * the caller then falls back to the torch code for the whole tensor.
+ * group: it is read from memory once for its range and again from cache for its codes. Rows may
+ * be strided (a view whose last dimension is contiguous). Inputs are float32 or bfloat16 (bits
+ * read directly; the torch code widens them to float32 first, which is exact). Packers return 0
+ * on success; 1 when a row holds a value the fused path does not reproduce bit for bit (NaN, or
+ * an infinity where the torch code would make NaN scales): the caller then runs the torch code
+ * for the whole tensor.
  */
 #include <math.h>
 #include <stdint.h>
@@ -30,9 +31,9 @@ static inline uint16_t float_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-/* Where row `row` starts, in elements: rows are the leading dimensions of a tensor whose last
- * dimension is contiguous (nlead 0: a contiguous matrix), so strided views (attention's
- * transposed operands) are read in place instead of copied first. */
+/* How the rows lie: the leading dimensions of a tensor whose last dimension is contiguous (NULL or
+ * nlead 0: a contiguous matrix), so strided views (attention's transposed operands) are read in
+ * place instead of copied first. */
 typedef struct {
     int64_t sizes[8];       /* leading dimensions, in the order they are walked (memory order) */
     int64_t strides[8];     /* their strides in the input, in elements */
