@@ -154,6 +154,22 @@ def test_switched_off_by_environment(monkeypatch):
     assert native.covers(torch.randn(3)) is False
 
 
+@pytest.mark.parametrize("value", ["false", "No", "off"])
+def test_switched_off_by_any_usual_word(monkeypatch, value):
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("SLIMFIT_NATIVE_KERNELS", value)
+    assert not native.available()
+
+
+def test_a_misspelt_switch_is_refused(monkeypatch):
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("SLIMFIT_NATIVE_KERNELS", "disable")
+    with pytest.raises(ValueError, match="SLIMFIT_NATIVE_KERNELS='disable'"):
+        native.available()
+
+
 def test_fake_and_meta_tensors_take_the_torch_code():
     """The planner runs real steps on fake tensors: they have no memory for a kernel to read."""
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -119,12 +119,24 @@ def _compile(compiler: str, target: Path) -> str | None:
     return None
 
 
+def _enabled() -> bool:
+    """``SLIMFIT_NATIVE_KERNELS``: 1/true/yes/on (default) or 0/false/no/off; anything else is refused,
+    so a misspelt switch never leaves the kernels on silently."""
+    value = os.environ.get("SLIMFIT_NATIVE_KERNELS", "1").strip().lower()
+    if value in ("1", "true", "yes", "on", ""):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"SLIMFIT_NATIVE_KERNELS={os.environ['SLIMFIT_NATIVE_KERNELS']!r}: use 0/false/no/off to switch "
+                     "the fused compression kernels off, 1/true/yes/on (the default) to keep them")
+
+
 def _load() -> ctypes.CDLL | None:
     global _library, _tried
     if not _tried:
         with _lock:
             if not _tried:
-                if os.environ.get("SLIMFIT_NATIVE_KERNELS", "1") != "0":
+                if _enabled():
                     _library = _build()
                 _tried = True
     return _library
