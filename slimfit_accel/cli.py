@@ -59,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     estimate.add_argument("--budget", help="device memory to fit, e.g. 24GiB: prints (and with --write-config writes) the SlimFit config")
     estimate.add_argument("--write-config", help="where to write the chosen config as YAML (with --budget)")
     estimate.add_argument("--json", action="store_true", help="the whole table as JSON on stdout")
+    estimate.add_argument("--jobs", type=int, default=None,
+                          help="arms estimated at once, each in its own process (default: one per CPU core)")
     args = parser.parse_args(argv)
     try:
         if args.command == "plugins":
@@ -122,7 +124,7 @@ def _estimate(args: argparse.Namespace) -> int:
             if not args.json:
                 print(f"wrote {args.write_config}")
         return 0
-    results = planner.estimate(setup, args.arms, progress=None if args.json else log)
+    results = planner.estimate(setup, args.arms, progress=None if args.json else log, jobs=args.jobs)
     print(json.dumps(planner.to_json(setup, results), indent=2) if args.json else planner.render(setup, results))
     return 0
 

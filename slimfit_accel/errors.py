@@ -15,8 +15,11 @@ class PluginError(SlimFitError, RuntimeError):
     """A plugin raised, or answered something invalid. The message names the plugin."""
 
     def __init__(self, plugin: str, message: str):
-        self.plugin = plugin
+        self.plugin, self.message = plugin, message
         super().__init__(f"plugin '{plugin}': {message}")
+
+    def __reduce__(self):  # rebuilt from both arguments (the planner's worker processes send it back)
+        return (type(self), (self.plugin, self.message))
 
 
 class IntegrationError(SlimFitError, RuntimeError):

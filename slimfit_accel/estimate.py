@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 import time
 import warnings
@@ -693,18 +694,54 @@ def gpu_fits(device_total: int) -> dict[str, bool]:
     return {f"{gb}GB": device_total + CUDA_RESERVE <= gb * GiB for gb in GPU_SIZES_GB}
 
 
-def estimate(setup: Setup, arms: list[str] | None = None, progress: Callable[[str], None] | None = None) -> list[ArmEstimate]:
-    """Estimate each arm (default: all of ``ARMS``; ``full_pure_bf16`` only in bf16)."""
+def default_jobs(arms: int) -> int:
+    """Worker processes for ``arms`` arms: one per CPU core, at most one per arm."""
+    return max(1, min(arms, os.cpu_count() or 1))
+
+
+def _run_arm_timed(setup: Setup, name: str) -> tuple[ArmEstimate, float]:
+    start = time.perf_counter()
+    return run_arm(setup, name), time.perf_counter() - start
+
+
+def estimate(setup: Setup, arms: list[str] | None = None, progress: Callable[[str], None] | None = None,
+             jobs: int | None = 1) -> list[ArmEstimate]:
+    """Estimate each arm (default: all of ``ARMS``; ``full_pure_bf16`` only in bf16).
+
+    ``jobs``: arms run in that many worker processes at once (``None``: ``default_jobs``, one per
+    core, as the CLI does; 1: in this process, where plugins registered in code are seen). Each
+    arm builds its own model from the same seed, so the figures are the same as one after another
+    (tested); an arm's fake-tensor step is Python-bound, so on 2 cores an 8B config takes about
+    half the time. Real tensors (``setup.fake`` false) always run one by one.
+    """
     arms = list(arms or [a for a in ARMS if setup.bf16 or a != "full_pure_bf16"])
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ConfigError(f"--arms: unknown {', '.join(unknown)}; choose from {', '.join(ARMS)}")
-    results: dict[str, ArmEstimate] = {}
-    for name in arms:
-        start = time.perf_counter()
-        results[name] = run_arm(setup, name)
+    jobs = default_jobs(len(arms)) if jobs is None else jobs
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: give at least 1")
+
+    def done(name: str, result: ArmEstimate, seconds: float) -> None:
+        results[name] = result
         if progress is not None:
-            progress(f"{name}: {format_gib(results[name].device_total)} ({time.perf_counter() - start:.1f} s)")
+            progress(f"{name}: {format_gib(result.device_total)} ({seconds:.1f} s)")
+
+    results: dict[str, ArmEstimate] = {}
+    if jobs == 1 or len(arms) == 1 or not setup.fake:
+        for name in arms:
+            done(name, *_run_arm_timed(setup, name))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # SlimFit arms run more steps: started first, they do not finish last alone
+        order = sorted(arms, key=lambda a: not a.startswith("slimfit"))
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
+        with ProcessPoolExecutor(max_workers=min(jobs, len(arms)), mp_context=context) as pool:
+            futures = {pool.submit(_run_arm_timed, setup, name): name for name in order}
+            for future in as_completed(futures):
+                done(futures[future], *future.result())
     out = [results[a] for a in arms]
     for result in out:
         result.fits = gpu_fits(result.device_total)

@@ -95,6 +95,31 @@ def test_json_gives_every_arm_and_category(llama_dir, capsys):
     assert data["arms"][1]["slimfit_config"]["scheduler"] == {**sft["scheduler"], "freeze_ratio": 0.9}
 
 
+def test_arms_in_worker_processes_give_the_same_figures(llama_dir):
+    """``jobs``: each arm in its own process (the default on a multi-core machine) changes no byte."""
+    setup = planner.Setup(llama_dir, seq_len=16, batch=2, precision="bf16", device="cpu").load()
+    arms = ["full", "lora", "slimfit_default", "slimfit_best", "slimfit_8bit_frozen"]
+    serial = planner.estimate(setup, arms, jobs=1)
+    parallel = planner.estimate(setup, arms, jobs=2)
+    assert [a.name for a in parallel] == arms
+    assert [dataclasses.asdict(a) for a in parallel] == [dataclasses.asdict(a) for a in serial]
+
+
+def test_jobs_below_one_is_one_line_exit_2(llama_dir, capsys):
+    assert main(["estimate", "--model", str(llama_dir), "--seq-len", "16", "--batch", "1", "--jobs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--jobs 0" in err and len(err.strip().splitlines()) == 1
+
+
+def test_plugin_errors_survive_the_trip_back_from_a_worker():
+    import pickle
+
+    from slimfit_accel.errors import PluginError
+
+    err = pickle.loads(pickle.dumps(PluginError("my-plugin", "scores had the wrong shape")))
+    assert isinstance(err, PluginError) and err.plugin == "my-plugin" and "my-plugin" in str(err)
+
+
 def test_a_folder_without_config_json_is_one_line_exit_2(tmp_path, capsys):
     assert main(["estimate", "--model", str(tmp_path), "--seq-len", "16", "--batch", "1"]) == 2
     err = capsys.readouterr().err
