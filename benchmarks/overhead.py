@@ -98,7 +98,8 @@ class Sections:
     def __init__(self) -> None:
         self.totals: dict[str, float] = {}
         self.calls: dict[str, int] = {}
-        self._stack: list[list] = []  # [name, start, time of nested sections]
+        self.faults: dict[str, int] = {}  # page faults (fresh memory from the system), exclusive too
+        self._stack: list[list] = []  # [name, start, time of nested sections, faults at start, nested faults]
         self.enabled = False
 
     @contextmanager
@@ -106,20 +107,27 @@ class Sections:
         if not self.enabled:
             yield
             return
-        frame = [name, clock(), 0.0]
+        frame = [name, clock(), 0.0, _minor_faults(), 0]
         self._stack.append(frame)
         try:
             yield
         finally:
             elapsed = clock() - frame[1]
+            faults = _minor_faults() - frame[3]
             self._stack.pop()
             self.totals[name] = self.totals.get(name, 0.0) + elapsed - frame[2]
+            self.faults[name] = self.faults.get(name, 0) + faults - frame[4]
             self.calls[name] = self.calls.get(name, 0) + 1
             if self._stack:
                 self._stack[-1][2] += elapsed
+                self._stack[-1][4] += faults
 
     def reset(self) -> None:
-        self.totals, self.calls = {}, {}
+        self.totals, self.calls, self.faults = {}, {}, {}
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 SECTIONS = Sections()
@@ -252,7 +260,7 @@ def run_step(model, optimizer, batch, bf16: bool, slimfit: SlimFit | None) -> di
     """One training step; wall time of the whole and of its phases."""
     SECTIONS.reset()
     SECTIONS.enabled = True
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    faults = _minor_faults()
     start = clock()
     with (slimfit.step() if slimfit is not None else _nothing()):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -264,7 +272,7 @@ def run_step(model, optimizer, batch, bf16: bool, slimfit: SlimFit | None) -> di
     SECTIONS.enabled = False
     sections = dict(SECTIONS.totals)
     return {"step_s": total, "sections_s": sections, "overhead_s": sum(sections.get(k, 0.0) for k in OVERHEAD),
-            "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}
+            "minor_faults": _minor_faults() - faults, "section_faults": dict(SECTIONS.faults)}
 
 
 @contextmanager
@@ -320,6 +328,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 records[name].append(record)
             print(f"round {round_index}{'' if measured else ' (warm-up)'} {name}: step {record['step_s']:.3f} s, "
                   f"SlimFit's own {record['overhead_s'] * 1000:.1f} ms, {record['minor_faults']} page faults "
+                  f"(compression {record['section_faults'].get('compression', 0)}) "
                   f"{ {k: round(v * 1000, 1) for k, v in sorted(record['sections_s'].items())} }", flush=True)
         uptime.append(os.getloadavg())
     full = summarise([r["step_s"] for r in records["full"]]) if "full" in records else None
@@ -337,6 +346,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "own_share_range": [min(overhead) / full["median"], max(overhead) / full["median"]] if full else None,
             "step_vs_full": statistics.median(steps) / full["median"] if full else None,
             "minor_faults": summarise([r["minor_faults"] for r in recs]),
+            "section_faults": {k: summarise([r["section_faults"].get(k, 0) for r in recs]) for k in names},
         }
     result = {
         "geometry": {"name": args.geometry, **geometry},
@@ -348,6 +358,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "clock": args.clock,
         "steps_per_arm": args.steps_per_arm,
         "host": platform.node(),
+        "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES", "THP_MEM", "LD_PRELOAD"))},
         "load_average_1_5_15_per_round": uptime,
         "overhead_sections": list(OVERHEAD),
         "arms": arms,
