@@ -15,7 +15,9 @@ The untrained model's scores are measured once per task and setting (``baselines
 for ``--task sft``: ILS with ``age_exponent: 1.5``, read when the run starts; the record keeps it;
 the runs made while it held ``age_exponent: 2`` are recorded as ``slimfit_age2``, the same
 definition, and those of ``slimfit_age15`` as ``slimfit_sft``)
-and ``slimfit_sft_best`` (``slimfit_best``'s settings on it); ``slimfit_default`` (the packaged
+and ``slimfit_sft_best`` (``slimfit_best``'s settings on it), ``slimfit_sft_chunked`` (it with
+``chunked_loss: true``: the loss without the full logits, exact up to the order of sums; whether
+the default can take it); ``slimfit_default`` (the packaged
 ``slimfit_accel/configs/demo.yaml``, the classification default, which SFT used before); ``slimfit_rows`` (the default with ``units.row_chunks``: the tied embedding / LM head trains by
 row ranges); ``slimfit_best`` (``benchmarks/memory.py``'s most memory-saving config: the default
 at freeze ratio 0.9, every block checkpointed, optimizer paging, SlimFit compression, the loss
@@ -79,7 +81,7 @@ TASKS: dict[str, dict[str, Any]] = {
     "speech_continuation": {"train_rows": 384, "test_rows": 400, "generate": 0, "eval_loss_rows": 400, "max_length": 128, "epochs": 1},
 }
 #: The lr a run takes when --lr is not given (peers: the middle of their sweep).
-DEFAULT_LR = {"full": 3e-5, "slimfit_default": 3e-5, "slimfit_rows": 3e-5, "slimfit_best": 3e-5, "slimfit_nocomp": 3e-5, "slimfit_unscaled": 3e-5, "slimfit_scale5": 3e-5, "slimfit_int8": 3e-5, "slimfit_sft": 3e-5, "slimfit_sft_best": 3e-5, "slimfit_normlr": 3e-4, "slimfit_age1": 3e-4, "slimfit_age15": 3e-4, "slimfit_age2": 3e-4, "slimfit_age4": 3e-4, "slimfit_fr07_noembed": 3e-4, "full_noembed": 3e-4, "slimfit_fr07": 3e-4, "slimfit_fr06": 3e-4, "lisa": 3e-5, "lora": 3e-4, "badam": 3e-5, "galore": 1e-4,
+DEFAULT_LR = {"full": 3e-5, "slimfit_default": 3e-5, "slimfit_rows": 3e-5, "slimfit_best": 3e-5, "slimfit_nocomp": 3e-5, "slimfit_unscaled": 3e-5, "slimfit_scale5": 3e-5, "slimfit_int8": 3e-5, "slimfit_sft": 3e-5, "slimfit_sft_chunked": 3e-5, "slimfit_sft_best": 3e-5, "slimfit_normlr": 3e-4, "slimfit_age1": 3e-4, "slimfit_age15": 3e-4, "slimfit_age2": 3e-4, "slimfit_age4": 3e-4, "slimfit_fr07_noembed": 3e-4, "full_noembed": 3e-4, "slimfit_fr07": 3e-4, "slimfit_fr06": 3e-4, "lisa": 3e-5, "lora": 3e-4, "badam": 3e-5, "galore": 1e-4,
               "trl_full": 3e-5, "trl_slimfit": 3e-5, "trl_slimfit_sft": 2.2e-4, "trl_slimfit_nocomp": 3e-4, "trl_slimfit_topexact": 3e-4}
 LORA_RANK, GALORE_RANK, BEST_FREEZE_RATIO = 8, 128, 0.9
 
@@ -148,6 +150,8 @@ def arms() -> dict[str, dict[str, Any]]:
         "trl_slimfit_topexact": {"kind": "trl", "slimfit": top_exact, "data_order": "recipe"},
         "slimfit_default": {"kind": "slimfit", "slimfit": default},
         "slimfit_sft": {"kind": "slimfit", "slimfit": sft},
+        # the SFT default with the chunked loss (exact: no logits kept; the default-to-be question)
+        "slimfit_sft_chunked": {"kind": "slimfit", "slimfit": {**json.loads(json.dumps(sft)), "chunked_loss": True}},
         "slimfit_sft_best": {"kind": "slimfit", "slimfit": best_config(sft)},
         "slimfit_rows": {"kind": "slimfit", "slimfit": rows},
         "slimfit_best": {"kind": "slimfit", "slimfit": best},

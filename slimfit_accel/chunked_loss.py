@@ -263,45 +263,72 @@ def causal_lm(model: nn.Module) -> nn.Module:
     return get_base_model() if callable(get_base_model) else model
 
 
+#: Config attributes with which transformers' causal LMs change the head's output before the loss
+#: (Gemma 2/3's soft-capping, Cohere's and Granite's scaling), and the values that change nothing.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": (None,), "logit_scale": (None, 1, 1.0), "logits_scaling": (None, 1, 1.0)}
+
+
+def unsupported(model: nn.Module) -> str | None:
+    """Why the chunked loss cannot run on ``model``, in one phrase; ``None`` when it can: a causal
+    LM with a plain ``nn.Linear`` head, transformers' causal-LM loss, no transform of the logits
+    before the loss (``LOGIT_TRANSFORMS``) and no forward patched on the instance by another
+    library. (A transform that no config attribute announces is caught at the first forward.)"""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    lm = causal_lm(model)
+    name = type(lm).__name__
+    get_head = getattr(lm, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        return f"{name} has no output embeddings (get_output_embeddings() is None), so it is not a causal LM"
+    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
+        return f"{name}'s head is a {type(head).__name__}, not a plain nn.Linear (e.g. an adapter on the head)"
+    if "_loss_function" in lm.__dict__ or getattr(lm, "loss_function", None) is not ForCausalLMLoss:
+        return (f"{name} does not use transformers' causal-LM loss (loss_type {getattr(lm, 'loss_type', None)!r}, "
+                f"or a custom loss_function); the chunked loss computes only that one")
+    config = getattr(lm, "config", None)
+    for attribute, neutral in LOGIT_TRANSFORMS.items():
+        value = getattr(config, attribute, None)
+        if value not in neutral:
+            return (f"{name} changes its head's output before the loss ({attribute}={value!r}: logit soft-capping or "
+                    f"scaling), which the chunked loss does not compute")
+    if getattr(lm, "_slimfit_chunked_loss", None) is None:
+        for module, what in ((lm, name), (head, f"{name}'s head")):
+            if "forward" in module.__dict__:
+                return f"{what} already has a forward patched on the instance (by another library, e.g. offloading hooks)"
+    return None
+
+
 def enable_chunked_loss(model: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: Backend = "auto") -> nn.Module:
     """Make a Hugging Face causal LM compute its training loss chunk by chunk (module docstring).
 
     Patches ``forward`` on the model instance and on its head (``get_output_embeddings()``, an
     ``nn.Linear``; a head tied to the input embeddings is that weight); other instances of the
     class are untouched, a ``copy.deepcopy`` runs its own weights. Calling it again updates the
-    settings. Raises ``ConfigError`` (one line) for a model that is not a causal LM with a
-    linear head and the standard causal-LM loss. ``disable_chunked_loss`` undoes it.
+    settings. Raises ``ConfigError`` (one line) for a model it does not cover (``unsupported``
+    says why). ``disable_chunked_loss`` undoes it.
 
     Example::
 
         model = enable_chunked_loss(AutoModelForCausalLM.from_pretrained(...), chunk_size=2048)
         loss = model(input_ids=ids, labels=ids).loss      # .logits is None
     """
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ConfigError(f"chunked_loss: chunk_size must be a positive number of tokens, got {chunk_size!r}")
     if backend not in ("auto", "torch", "liger"):
         raise ConfigError(f"chunked_loss: backend must be auto, torch or liger, got {backend!r}")
     if backend == "liger" and not liger_available():
         raise ConfigError("chunked_loss: backend liger needs the liger-kernel package (pip install liger-kernel) and CUDA; use backend auto or torch")
+    reason = unsupported(model)
+    if reason is not None:
+        raise ConfigError(f"chunked_loss: {reason}; remove chunked_loss from the config, or set it to auto "
+                          f"(this model then computes its loss the standard way)")
     lm = causal_lm(model)
-    name = type(lm).__name__
-    get_head = getattr(lm, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if head is None:
-        raise ConfigError(f"chunked_loss: {name} has no output embeddings (get_output_embeddings() is None), so it is not a causal LM; remove chunked_loss from the config")
-    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
-        raise ConfigError(f"chunked_loss: {name}'s head is a {type(head).__name__}, not a plain nn.Linear (e.g. an adapter on the head); remove chunked_loss or leave the head unwrapped")
-    if "_loss_function" in lm.__dict__ or getattr(lm, "loss_function", None) is not ForCausalLMLoss:
-        raise ConfigError(f"chunked_loss: {name} does not use transformers' causal-LM loss (loss_type {getattr(lm, 'loss_type', None)!r}, or a custom loss_function); the chunked loss computes only that one, remove chunked_loss")
+    head = lm.get_output_embeddings()
     state = getattr(lm, "_slimfit_chunked_loss", None)
     if state is not None:
         state.chunk_size, state.backend = chunk_size, backend
         return model
-    for module, what in ((lm, name), (head, f"{name}'s head")):
-        if "forward" in module.__dict__:
-            raise ConfigError(f"chunked_loss: {what} already has a forward patched on the instance (by another library, e.g. offloading hooks); enable the chunked loss before that, or remove chunked_loss")
     state = _ChunkedLossState(chunk_size, backend)
     lm._slimfit_chunked_loss = state
     head._slimfit_chunked_loss = state

@@ -95,11 +95,17 @@ class ChunkedLossConfig(BaseModel):
     standard path's. ``chunk_size``: tokens per chunk (its fp32 logits, chunk x vocab, are the
     working memory). ``backend``: ``torch`` (chunked, any device), ``liger`` (liger-kernel's fused
     linear cross-entropy; needs CUDA and the package), ``auto`` (liger where it applies, else torch).
+    ``fallback``: for a model the chunked loss does not cover (``chunked_loss.unsupported``: no
+    plain linear head, a custom loss, logit soft-capping or scaling in its config), ``error``
+    refuses it when the model is prepared; ``standard`` leaves that model on the standard loss
+    with one warning saying why. ``chunked_loss: auto`` is ``{fallback: standard}``: a config
+    meant for any causal LM.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     chunk_size: int = Field(default=1024, gt=0)  # chunked_loss.DEFAULT_CHUNK_SIZE (not imported: it reads transformers)
     backend: Literal["auto", "torch", "liger"] = "auto"
+    fallback: Literal["error", "standard"] = "error"
 
 
 #: Optimizer steps between two steps the default memory meter measures (see ``MemoryMeterConfig``).
@@ -167,7 +173,8 @@ class SlimFitConfig(BaseModel):
     scale overshoots (SmolLM2 SFT, lr 3e-4: freeze ratio 0.8 / 0.7 / 0.6 gave 3.300 / 3.438 /
     3.457), so lower it with the freeze ratio.
 
-    ``chunked_loss``: ``true`` or ``{chunk_size: N, backend: ...}`` computes a causal LM's
+    ``chunked_loss``: ``true``, ``auto`` (the same where the model allows it, else the standard
+    loss with a warning) or ``{chunk_size: N, backend: ..., fallback: ...}`` computes a causal LM's
     training loss without materialising its logits (see ``ChunkedLossConfig``); off when absent.
 
     ``memory_meter``: when ``slimfit.report()`` measures memory by category. ``{every: N}``
@@ -216,6 +223,8 @@ class SlimFitConfig(BaseModel):
     def _chunked_loss_switch(cls, value: Any) -> Any:
         if value is True:
             return {}
+        if value == "auto":
+            return {"fallback": "standard"}
         return None if value is False else value
 
     @model_validator(mode="after")

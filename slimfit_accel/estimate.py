@@ -384,7 +384,9 @@ def slimfit_arm(setup: Setup, config: dict[str, Any], note: str = "") -> Arm:
     slimfit.attach(None, model, optimizer)
     if setup.fake:
         _scores_without_data(slimfit.controller)
-    chunked = slimfit.config.chunked_loss.chunk_size if slimfit.config.chunked_loss is not None else None
+    from .chunked_loss import chunked_loss_enabled
+
+    chunked = slimfit.config.chunked_loss.chunk_size if chunked_loss_enabled(model) else None  # auto may leave it off
     return Arm(model, optimizer, slimfit.memory, step=slimfit.step, cleanup=slimfit.detach, metered=True,
                slimfit=slimfit, autocast=setup.bf16, chunked=chunked, slimfit_config=config, note=note)
 

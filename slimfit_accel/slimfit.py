@@ -104,12 +104,19 @@ class SlimFit:
         user froze, such as a PEFT base model, stays frozen and never becomes a unit.
         DDP and DeepSpeed record which parameters train when they wrap the model, so every unit
         must be trainable then; freezing is applied per step afterwards.
-        With ``chunked_loss`` set, a causal LM's loss is computed without its logits from now on.
+        With ``chunked_loss`` set, a causal LM's loss is computed without its logits from now on
+        (``auto``: where the model allows it, else a warning says why not).
         """
-        if self.config.chunked_loss is not None:
-            from .chunked_loss import enable_chunked_loss  # reads transformers' loss: imported only when used
+        chunked = self.config.chunked_loss
+        if chunked is not None:
+            from .chunked_loss import enable_chunked_loss, unsupported  # reads transformers' loss: imported when used
 
-            enable_chunked_loss(model, self.config.chunked_loss.chunk_size, self.config.chunked_loss.backend)
+            reason = unsupported(model) if chunked.fallback == "standard" else None
+            if reason is None:
+                enable_chunked_loss(model, chunked.chunk_size, chunked.backend)
+            else:
+                warnings.warn(f"SlimFit: chunked_loss: auto: {reason}; this model computes its loss the standard "
+                              f"way (its full logits are kept for backward)", stacklevel=2)
         self.units = discover_units(model, self.config.units)
         self.model = model
         for unit in self.units.all:

@@ -264,14 +264,45 @@ def test_copies_run_their_own_weights_and_pickle():
     assert chunked(**batch).logits is not None and twin(**batch).logits is None
 
 
-def test_a_model_that_changes_its_logits_before_the_loss_fails_loudly():
+def _gemma2(softcapping):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    config = Gemma2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                          num_key_value_heads=1, head_dim=8, final_logit_softcapping=30.0)
-    model = enable_chunked_loss(Gemma2ForCausalLM(config))
+    torch.manual_seed(0)
+    return Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                          final_logit_softcapping=softcapping))
+
+
+def test_a_model_that_changes_its_logits_before_the_loss_is_refused_before_training():
+    with pytest.raises(ConfigError, match="final_logit_softcapping=30.0"):
+        enable_chunked_loss(_gemma2(30.0))
+    with pytest.raises(ConfigError, match="set it to auto"):
+        SlimFit.from_config({"chunked_loss": True}).prepare_model(_gemma2(30.0))
+
+
+def test_a_transform_no_config_announces_fails_loudly_at_the_first_forward():
+    model = enable_chunked_loss(_gemma2(None))
+    model.config.final_logit_softcapping = 30.0  # set after the check: the forward still catches it
     with pytest.raises(IntegrationError, match="soft-capping"):
         model(**lm_batch())
+
+
+def test_auto_keeps_the_standard_loss_where_the_chunked_one_does_not_apply(bert):
+    config = SlimFit.from_config({"chunked_loss": "auto"}).config.chunked_loss
+    assert config.fallback == "standard" and config.chunk_size > 0
+    model, reference = _gemma2(30.0), _gemma2(30.0)
+    with pytest.warns(UserWarning, match="final_logit_softcapping.*standard way"):
+        SlimFit.from_config({"chunked_loss": "auto"}).prepare_model(model)
+    assert not chunked_loss_enabled(model)
+    batch = lm_batch()
+    out = model(**batch)
+    assert out.logits is not None
+    torch.testing.assert_close(out.loss, reference(**batch).loss, rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="not a causal LM"):
+        SlimFit.from_config({"chunked_loss": "auto"}).prepare_model(bert)
+    lm = tiny_lm()
+    SlimFit.from_config({"chunked_loss": "auto"}).prepare_model(lm)  # a model it covers: on, no warning
+    assert chunked_loss_enabled(lm)
 
 
 def test_refused_on_a_model_that_is_not_a_causal_lm(bert):
