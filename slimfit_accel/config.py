@@ -225,6 +225,8 @@ class SlimFitConfig(BaseModel):
             return {}
         if value == "auto":
             return {"fallback": "standard"}
+        if isinstance(value, str):
+            raise ValueError(f"give true, false, auto or a mapping {{chunk_size, backend, fallback}}, not {value!r}")
         return None if value is False else value
 
     @model_validator(mode="after")

@@ -290,6 +290,8 @@ def test_a_transform_no_config_announces_fails_loudly_at_the_first_forward():
 def test_auto_keeps_the_standard_loss_where_the_chunked_one_does_not_apply(bert):
     config = SlimFit.from_config({"chunked_loss": "auto"}).config.chunked_loss
     assert config.fallback == "standard" and config.chunk_size > 0
+    with pytest.raises(ConfigError, match="true, false, auto"):
+        SlimFit.from_config({"chunked_loss": "autoo"})
     model, reference = _gemma2(30.0), _gemma2(30.0)
     with pytest.warns(UserWarning, match="final_logit_softcapping.*standard way"):
         SlimFit.from_config({"chunked_loss": "auto"}).prepare_model(model)
