@@ -82,14 +82,15 @@ def _estimate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import estimate as planner
-    from .config import load_config
     from .errors import ConfigError
 
     if args.write_config and not args.budget:
         raise ConfigError("--write-config needs --budget: the config written is the one chosen to fit it")
     base = None
     if args.slimfit_config:
-        load_config(args.slimfit_config)  # a bad file fails here, with its line
+        from .slimfit import SlimFit
+
+        SlimFit.from_config(args.slimfit_config)  # a bad file or strategy name fails here, before any arm runs
         import yaml
 
         base = yaml.safe_load(Path(args.slimfit_config).read_text()) or {}

@@ -742,8 +742,12 @@ def estimate(setup: Setup, arms: list[str] | None = None, progress: Callable[[st
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
         with ProcessPoolExecutor(max_workers=min(jobs, len(arms)), mp_context=context) as pool:
             futures = {pool.submit(_run_arm_timed, setup, name): name for name in order}
-            for future in as_completed(futures):
-                done(futures[future], *future.result())
+            try:
+                for future in as_completed(futures):
+                    done(futures[future], *future.result())
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)  # an arm failed: the others need not finish
+                raise
     out = [results[a] for a in arms]
     for result in out:
         result.fits = gpu_fits(result.device_total)

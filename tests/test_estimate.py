@@ -111,6 +111,15 @@ def test_jobs_below_one_is_one_line_exit_2(llama_dir, capsys):
     assert "--jobs 0" in err and len(err.strip().splitlines()) == 1
 
 
+def test_an_unknown_strategy_in_the_slimfit_config_fails_before_any_arm_runs(llama_dir, tmp_path, capsys, monkeypatch):
+    config = tmp_path / "mine.yaml"
+    config.write_text("scheduler: {name: ilz, freeze_ratio: 0.8}\n")
+    monkeypatch.setattr(planner, "run_arm", lambda *a, **k: pytest.fail("an arm ran"))
+    assert main(["estimate", "--model", str(llama_dir), "--seq-len", "16", "--batch", "1", "--slimfit-config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "mine.yaml" in err and "unknown scheduler 'ilz'" in err
+
+
 def test_plugin_errors_survive_the_trip_back_from_a_worker():
     import pickle
 
