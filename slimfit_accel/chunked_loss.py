@@ -3,9 +3,12 @@
 A causal LM's loss needs ``hidden @ lm_head.weight.T`` for every token: batch x length x vocab
 logits, upcast to fp32, plus the log-softmax autograd keeps for backward (8 x 512 tokens x 49152
 words is 1.6 GB for these two alone). Here the tokens go through the head and the loss ``chunk_size``
-at a time: forward keeps one chunk's logits alive, backward recomputes each chunk's logits and
-adds its share to the hidden states' and the head's gradients. Only the hidden states are saved
-(the head's weight is a parameter). Results equal the standard path: the same kernels, the same
+at a time: forward keeps one chunk's logits alive. When the head trains, backward recomputes each
+chunk's logits and adds its share to the hidden states' and the head's gradients; only the hidden
+states are saved (the head's weight is a parameter). When the head is frozen (most SlimFit steps),
+forward also turns each chunk's logits into its share of the hidden states' gradient and saves
+that instead (tagged ``EXACT_ROLE``: never compressed); backward only scales it, so the step runs
+the head once. Results equal the standard path: the same kernels, the same
 fp32 upcast, mean over non-ignored tokens, or sum / ``num_items_in_batch`` when given
 (transformers' ``ForCausalLMLoss``); only the order of the sums differs.
 
@@ -31,7 +34,8 @@ The liger path is not tested in this project's suite (no CUDA there).
 Compression: the hidden states this function saves are an activation like any other. Inside
 SlimFit's ``step()`` they are packed in the head's module context, role ``input``: the default
 policy stores them as int8 with a scale per row, as it stores the head's input on the standard
-path; ``compression: none`` keeps them exact. The per-chunk logits of backward are working
+path; ``compression: none`` keeps them exact. The gradient saved for a frozen head is kept exact
+under every policy (and counted by the meter). The per-chunk logits of backward are working
 memory, never compressed and not counted as saved activations.
 """
 
@@ -46,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .compression.roles import EXACT_ROLE, tag_role
 from .compression.swaps import bind_forward
 from .errors import ConfigError, IntegrationError
 
@@ -67,16 +72,40 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         # A frozen head kept in int8 (frozen_int8.StoredWeight): dequantised a slice of rows at a
         # time for each chunk of tokens, here and again in backward, never saved.
         ctx.stored = None if isinstance(weight, torch.Tensor) else weight
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        # A frozen head (and bias): the hidden states' gradient is all backward needs, and it is
+        # linear in the loss's gradient, so it is computed here, chunk by chunk from the logits
+        # forward makes anyway, and scaled in backward: no logits are recomputed (one head matmul
+        # and one softmax a step fewer than recomputing). A trained head's weight gradient would
+        # be alive from here on (a vocabulary-sized matrix at the end of forward), so then
+        # backward recomputes the logits instead.
+        ctx.early = need_hidden and not need_weight and not need_bias
         flat = hidden.reshape(-1, hidden.shape[-1])
         targets = labels.reshape(-1)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_flat = torch.empty(flat.shape, dtype=hidden.dtype, device=hidden.device) if ctx.early else None
         compute_dtype = None
         for start in range(0, flat.shape[0], chunk_size):
             logits = _head(flat[start:start + chunk_size], weight, bias)  # autocast applies here
             compute_dtype = logits.dtype
-            total += F.cross_entropy(logits.float(), targets[start:start + chunk_size], ignore_index=ignore_index, reduction="sum")
+            chunk_targets = targets[start:start + chunk_size]
+            if not ctx.early:
+                total += F.cross_entropy(logits.float(), chunk_targets, ignore_index=ignore_index, reduction="sum")
+                del logits
+                continue
+            loss, grad_logits = _loss_and_grad_logits(logits, chunk_targets, ignore_index)
             del logits
-        ctx.save_for_backward(hidden, weight if ctx.stored is None else None, bias, labels)
+            total += loss
+            with torch.autocast(hidden.device.type, enabled=False):
+                grad_flat[start:start + chunk_size] = _grad_hidden(grad_logits, weight, compute_dtype)
+            del grad_logits
+        if ctx.early:
+            # The gradient of the summed loss: kept exact by the compression engine, and counted.
+            grad_hidden = grad_flat.view(hidden.shape)
+            tag_role(grad_hidden, EXACT_ROLE)
+            ctx.save_for_backward(grad_hidden)
+        else:
+            ctx.save_for_backward(hidden, weight if ctx.stored is None else None, bias, labels)
         ctx.compute_dtype = compute_dtype or hidden.dtype
         ctx.ignore_index, ctx.chunk_size = ignore_index, chunk_size
         return total
@@ -84,6 +113,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total):  # noqa: D102
+        if ctx.early:  # a frozen head: the gradient computed in forward, times the loss's gradient
+            (grad_hidden,) = ctx.saved_tensors
+            return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None
         hidden, weight, bias, labels = ctx.saved_tensors
         if ctx.stored is not None:  # a frozen int8 head: no weight gradient, the input's in row slices
             grad_hidden, grad_bias = _stored_head_backward(ctx, hidden, bias, labels, grad_total)
@@ -135,6 +167,38 @@ def _head(h: torch.Tensor, weight, bias: torch.Tensor | None, dtype: torch.dtype
     return out
 
 
+def _grad_hidden(grad_logits: torch.Tensor, weight, dtype: torch.dtype) -> torch.Tensor:
+    """``grad_logits @ weight`` with the head's weight cast to ``dtype`` (autocast's cast, made
+    explicit); a frozen int8 head a slice of rows at a time, the partial products summed in fp32."""
+    if isinstance(weight, torch.Tensor):
+        return grad_logits @ weight.to(dtype)
+    acc = None
+    for first, rows in weight.row_slices():
+        part = grad_logits[:, first:first + rows.shape[0]] @ rows.to(dtype)
+        acc = part if acc is None else (acc.float() if acc.dtype != torch.float32 else acc).add_(part)
+        del part, rows
+    return acc
+
+
+def _loss_and_grad_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed cross-entropy of one chunk (fp32, as ``F.cross_entropy(logits.float())``) and
+    its gradient (softmax - one-hot, zero on ignored tokens) in the logits' dtype, from one
+    log-sum-exp: the chunk's fp32 logits are turned into the gradient in place."""
+    dtype = logits.dtype
+    x = logits.float()
+    if x is logits:
+        x = x.clone()  # the caller's logits stay as they were
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    valid = targets != ignore_index
+    rows = valid.nonzero().squeeze(1)
+    cols = targets[rows]
+    loss = (lse[rows, 0] - x[rows, cols]).sum()
+    grad = x.sub_(lse).exp_()
+    grad[rows, cols] -= 1.0
+    grad.mul_(valid.unsqueeze(1).to(grad.dtype))
+    return loss, grad.to(dtype)
+
+
 def _stored_head_backward(ctx, hidden, bias, labels, grad_total):
     """Gradients (hidden states, bias) through a frozen int8 head (``ctx.stored``, no weight
     gradient): for each chunk of tokens, its logits and ``grad_logits @ weight`` computed a slice
@@ -151,12 +215,7 @@ def _stored_head_backward(ctx, hidden, bias, labels, grad_total):
             h = flat[start:start + size].to(dtype)
             grad_logits = _grad_logits(_head(h, stored, b, dtype), targets[start:start + size], ctx.ignore_index, grad_total)
             if need_hidden:
-                acc = None  # the slices' partial products summed in fp32 (one slice: as one matmul)
-                for first, rows in stored.row_slices():
-                    part = grad_logits[:, first:first + rows.shape[0]] @ rows.to(dtype)
-                    acc = part if acc is None else (acc.float() if acc.dtype != torch.float32 else acc).add_(part)
-                    del part, rows
-                grad_hidden.view(-1, hidden.shape[-1])[start:start + size] = acc
+                grad_hidden.view(-1, hidden.shape[-1])[start:start + size] = _grad_hidden(grad_logits, stored, dtype)
             if need_bias:
                 grad_bias += grad_logits.sum(0)
     return grad_hidden, grad_bias

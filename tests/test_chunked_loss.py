@@ -148,6 +148,41 @@ def test_frozen_head_gets_no_weight_gradient_and_the_same_input_gradients():
     assert (VOCAB, HIDDEN) in trained.shapes
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_a_frozen_head_takes_its_input_gradient_in_forward_and_backward_recomputes_no_logits(autocast):
+    standard, chunked = standard_and_chunked(chunk_size=8)
+    for model in (standard, chunked):
+        model.lm_head.weight.requires_grad_(False)
+    batch = lm_batch(batch=3)
+    count = torch.tensor(31)
+    losses = []
+    for model in (standard, chunked):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), LargestTensor() as forward:
+            loss = model(**batch, num_items_in_batch=count).loss
+        with LargestTensor() as backward:
+            (2.5 * loss).backward()  # a scaled loss (accumulation, fp16 loss scaling) scales the saved gradient
+        losses.append(loss)
+    assert any(VOCAB in shape for shape in forward.shapes)  # the logits, a chunk at a time, in forward ...
+    logits_like = [shape for shape in backward.shapes if VOCAB in shape and shape != (VOCAB, HIDDEN)]  # not the embeddings' gradient
+    assert not logits_like, logits_like  # ... and never again
+    assert abs(losses[1].item() - losses[0].item()) <= 1e-5 * abs(losses[0].item())
+    assert_same_grads(chunked, standard, 2e-2 if autocast else 1e-5)
+
+
+def test_the_gradient_computed_in_forward_is_kept_exact_and_counted_by_the_engine():
+    _, chunked = standard_and_chunked(chunk_size=8)
+    chunked.lm_head.weight.requires_grad_(False)
+    exact = copy.deepcopy(chunked)
+    batch = lm_batch(batch=4, length=16)
+    exact(**batch).loss.backward()
+    with compressed_activations(chunked) as engine:
+        chunked(**batch).loss.backward()
+    # tokens x hidden fp32 kept as it is (a policy that packed it would make every gradient lossy)
+    assert engine.stats.by_compressor["-"][1] >= 4 * 16 * HIDDEN * 4
+    cosine = F.cosine_similarity(chunked.model.norm.weight.grad, exact.model.norm.weight.grad, 0).item()
+    assert cosine > 0.99999, cosine
+
+
 def test_shift_labels_and_logits_to_keep_follow_the_model():
     standard, chunked = standard_and_chunked(chunk_size=3)
     batch = lm_batch()

@@ -8,7 +8,8 @@ decoder-only models; eager or SDPA attention).
 
 What is never compressed: parameters (including views, autocast copies, ZeRO-3 gathers, tied
 weights), non-floating tensors (dropout masks, indices), tensors below ``policy.min_numel`` elements or
-``policy.min_ndim`` dimensions.
+``policy.min_ndim`` dimensions, and tensors tagged ``roles.EXACT_ROLE`` (gradients computed in
+forward, such as the chunked loss's for a frozen head).
 Tensors come back in their own dtype (bf16/fp16 included).
 
 A tensor saved several times (e.g. a LayerNorm output read by Q, K and V) is packed once per
@@ -42,7 +43,7 @@ from .kinds import module_kinds
 from .layernorm import swap_layernorms
 from .rmsnorm import swap_rmsnorms
 from .policy import CompressionPolicy, CompressorSpec, slimfit_policy
-from .roles import tagged_role
+from .roles import EXACT_ROLE, tagged_role
 
 try:  # a weak reference to a storage: tells whether an address may have been reused
     from torch.multiprocessing.reductions import StorageWeakRef
@@ -218,7 +219,7 @@ class CompressionEngine:
             role = "input"
         elif role is None and type(tensor.grad_fn).__name__ == "LogSoftmaxBackward0":
             role = "log_probs"  # a cross-entropy loss's log-softmax output
-        if tensor.is_floating_point() and tensor.numel() >= self.policy.min_numel and tensor.dim() >= self.policy.min_ndim:
+        if role != EXACT_ROLE and tensor.is_floating_point() and tensor.numel() >= self.policy.min_numel and tensor.dim() >= self.policy.min_ndim:
             ctx = SavedTensorContext(
                 module_path=frame.path,
                 module_type=frame.type_name,

@@ -10,6 +10,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 _ROLES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
+#: A tensor that must come back bit for bit whatever the policy says (a gradient computed in
+#: forward, e.g. the chunked loss's): the engine keeps it as it is and counts its bytes.
+EXACT_ROLE = "exact"
+
 
 def tag_role(tensor: torch.Tensor, role: str) -> None:
     """Mark ``tensor`` with ``role`` for the compression policy (call before it is saved)."""
