@@ -16,6 +16,9 @@ import sys
 from typing import Sequence
 
 from .errors import SlimFitError
+from .quiet import quiet_import_noise
+
+quiet_import_noise()  # before the estimate's LoRA arm imports peft (see quiet.py)
 
 #: Steps assumed by ``check-config`` for schedulers that follow training progress.
 CHECK_TOTAL_STEPS = 100

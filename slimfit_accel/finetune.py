@@ -40,6 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from slimfit_accel.quiet import quiet_import_noise
+
+quiet_import_noise()  # before transformers imports peft (see quiet.py)
+
 import datasets
 import torch
 import transformers

@@ -78,3 +78,19 @@ def test_packaged_config_gives_each_packaged_yaml_and_refuses_other_names():
     assert "age_exponent" not in load_config(packaged_config("demo")).scheduler.model_dump()
     with pytest.raises(ValueError, match="no packaged SlimFit config 'llama'; packaged: demo, sft"):
         packaged_config("llama")
+
+
+def test_the_command_line_tools_quiet_import_noise_and_the_library_does_not():
+    """bitsandbytes' offline kernel-fetch warnings (peft imports it) are silenced by the CLIs only."""
+    import subprocess
+    import sys
+
+    from slimfit_accel.quiet import IMPORT_NOISE_LOGGERS
+
+    check = ("import logging, {module}; print(min(logging.getLogger(n).level for n in {names!r}))")
+    levels = {}
+    for module in ("slimfit_accel", "slimfit_accel.cli", "slimfit_accel.finetune"):
+        out = subprocess.run([sys.executable, "-c", check.format(module=module, names=IMPORT_NOISE_LOGGERS)],
+                             capture_output=True, text=True, check=True).stdout
+        levels[module] = int(out.strip().splitlines()[-1])
+    assert levels == {"slimfit_accel": 0, "slimfit_accel.cli": 40, "slimfit_accel.finetune": 40}
