@@ -4,8 +4,9 @@ Arms: full fine-tuning; full with activation checkpointing; LoRA (PEFT, r=8 on t
 projections); LISA-style random layers (2 blocks, switched every 20 steps); BAdam (the ``badam``
 package: one block trained at a time, its Adam state only); GaLore (the ``galore-torch``
 package: low-rank projected Adam state, rank ``--galore-rank``); SlimFit freezing only; SlimFit
-freezing plus the default compression; ``slimfit_default``: the packaged default config
-(``slimfit_accel/configs/demo.yaml``, read when the arm runs, so it measures what users get);
+freezing plus the default compression; ``slimfit_default``: the packaged default config the
+recipe uses for the model's task (``slimfit_accel/configs/demo.yaml`` for BERT, ``sft.yaml`` for
+the Llama decoder; read when the arm runs, so it measures what users get);
 ``slimfit_default_ratio``: that config with ``--freeze-ratio``; ``slimfit_best``: that config
 with ``--freeze-ratio``, block checkpointing and optimizer paging;
 on CUDA also activation offloading (saved tensors moved to pinned host memory, as torchtune and
@@ -27,6 +28,10 @@ measured, resident or paged. Under optimizer paging the measured steps may have 
 units; the steady total is then also bounded by the largest step the config allows: the
 gradient shortfall against the step's budget is added to the measured peak, and the optimizer
 step is bounded by all the budget's gradients plus the largest chunk of state paging streams.
+Arms whose scheduler has a parameter budget (ILS) also measure one step more, which trains the
+units whose gradients backward makes first (the LM head, then the last blocks' matrices) as far
+as the budget allows: their gradients are held while nearly every activation still is
+(``slimfit_accel.estimate.first_gradients_draw``). Its bytes count; its time does not.
 
 Models: ``--model bert`` (sequence classification) or ``--model llama`` (a Llama-style decoder,
 random init, causal LM loss; e.g. ``--hidden 2048 --layers 8 --heads 16 --intermediate 5504
@@ -81,7 +86,13 @@ ARMS = ["full", "full_checkpointing", "lora", "lisa", "badam", "galore", "slimfi
 #: The arms ``--precision bf16`` runs by default (issue 17's table); the first two only exist in bf16.
 BF16_ARMS = ["full_amp", "full_bf16", "full_checkpointing", "lora", "badam", "slimfit_default", "slimfit_best", "slimfit_int8"]
 BF16_ONLY = ["full_amp", "full_bf16"]
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "slimfit_accel" / "configs" / "demo.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "slimfit_accel" / "configs"
+
+
+def default_config_path(args) -> Path:
+    """The packaged default the recipe uses for the model's task (as ``slimfit-accel estimate``):
+    ``sft.yaml`` for the Llama decoder (``--task sft``), ``demo.yaml`` for the BERT classifier."""
+    return CONFIGS / ("sft.yaml" if args.model == "llama" else "demo.yaml")
 CUDA_ARMS = ["full_offload"]
 
 
@@ -317,7 +328,7 @@ def arm_slimfit_default(args, device):
     as the recipe's ``--mixed-precision bf16`` runs it: bf16 weights, fp32 masters on host)."""
     import yaml
 
-    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config = yaml.safe_load(default_config_path(args).read_text())
     if args.precision == "bf16" and config.get("optimizer_paging") and "master_weights" not in config:
         config["master_weights"] = "host"
     return _slimfit_arm(args, device, config)
@@ -326,7 +337,7 @@ def arm_slimfit_default(args, device):
 def _default_config_at_ratio(args) -> dict:
     import yaml
 
-    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config = yaml.safe_load(default_config_path(args).read_text())
     config["scheduler"] = {**config.get("scheduler", {"name": "ils"}), "freeze_ratio": args.freeze_ratio}
     return config
 
@@ -408,7 +419,18 @@ def run_arm(name: str, args: argparse.Namespace, batch_size: int, device: torch.
     model, optimizer, meter, step_ctx, cleanup, metered = ARM_BUILDERS[name](args, device)
     batch = make_batch(args, batch_size, device)
     measured, times = [], []
-    for index in range(args.warmup + args.steps):
+    # SlimFit arms with a parameter budget (ILS): after the drawn steps, one that trains the units
+    # whose gradients backward makes first, as many as the budget allows
+    # (``slimfit_accel.estimate.first_gradients_draw``: an LM head first); its bytes count, its
+    # time does not (``step_time_s`` is the drawn steps').
+    from slimfit_accel.estimate import first_gradients_draw
+
+    slimfit = SLIMFIT_OF.get(id(meter))
+    first = first_gradients_draw(slimfit) if slimfit is not None else None
+    drawn = args.warmup + args.steps
+    for index in range(drawn + (first is not None)):
+        if index == drawn:
+            slimfit.controller.decide_next(first)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()  # the whole step, freeze decision included
@@ -427,7 +449,8 @@ def run_arm(name: str, args: argparse.Namespace, batch_size: int, device: torch.
         elapsed = time.perf_counter() - start
         if index >= args.warmup:
             measured.append(meter.last)
-            times.append(elapsed)
+            if index < drawn:
+                times.append(elapsed)
         print(f"  {name} batch {batch_size} step {index}: {elapsed:.1f} s, total {format_bytes(meter.last.total)}", flush=True)
     peak = {key: max(getattr(m, key) for m in measured) for key in ("params", "grads", "optimizer", "activations", "activations_raw", "total", "optimizer_paged")}
     cuda_peaks = [m.peak_cuda for m in measured if m.peak_cuda is not None]
@@ -563,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     out = args.json or Path("runs") / "memory" / f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     config = {
-        "model": f"{args.model} (random init)", "default_config": str(DEFAULT_CONFIG), "galore_rank": args.galore_rank, "layers": args.layers, "hidden": args.hidden, "heads": args.heads,
+        "model": f"{args.model} (random init)", "default_config": str(default_config_path(args)), "galore_rank": args.galore_rank, "layers": args.layers, "hidden": args.hidden, "heads": args.heads,
         "intermediate": args.intermediate, "vocab": args.vocab, "kv_heads": args.kv_heads or args.heads,
         "tie_embeddings": args.tie_embeddings, "precision": args.precision, "seq_len": args.seq_len, "batches": args.batch,
         "freeze_ratio": args.freeze_ratio, "optimizer": "AdamW fp32", "warmup_steps": args.warmup,

@@ -96,6 +96,14 @@ class FreezeController:
         backend.install(before_step=self._before_optimizer_step, after_step=self._after_optimizer_step, lr_scale=self.lr_scale)
         self._checked = (self.step, self._select())
 
+    def decide_next(self, chosen: set[str]) -> None:
+        """Train ``chosen`` (schedulable unit names) at the current step instead of asking the
+        scheduler: the memory planner's step with the largest trained set (``estimate.largest_draw``)."""
+        unknown = sorted(set(chosen) - self._by_name.keys())
+        if unknown:
+            raise ValueError(f"decide_next: unknown unit names {unknown[:5]}")
+        self._checked = (self.step, set(chosen))
+
     def unbind(self) -> None:
         if self.backend is not None:
             self.backend.remove()

@@ -155,3 +155,46 @@ def test_8bit_frozen_weights_are_the_meters_codes_scales_and_worst_trained_copie
     best = planner.run_arm(setup, "slimfit_best")
     assert fake.weights == real.weights and fake.meter_total == real.meter_total
     assert real.weights < 0.7 * best.weights and real.meter_total < best.meter_total
+
+
+def _cut_llama_3_8b(folder: Path, blocks: int) -> planner.Setup:
+    config = json.loads((Path(planner.__file__).parent / "configs" / "models" / "llama-3-8b" / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": blocks}))
+    return planner.Setup(folder, seq_len=2048, batch=2, precision="bf16", device="cpu").load()
+
+
+def test_a_step_that_trains_the_output_side_is_part_of_the_estimate(tmp_path, monkeypatch):
+    """The gradients of an LM head and the last blocks come first in backward, while nearly every
+    activation is still saved. Drawn steps may never train them together; the estimate adds one
+    step that does (``first_gradients_draw``), so its total covers such a draw. Llama-3-8B's
+    geometry cut to 8 and 4 blocks (fake tensors: no memory used)."""
+    (tmp_path / "8").mkdir()
+    with planner.shape_only():  # as run_arm builds it: fake tensors
+        arm = planner.ARM_BUILDERS["slimfit_default"](_cut_llama_3_8b(tmp_path / "8", 8))
+        first = planner.first_gradients_draw(arm.slimfit)
+        units = {u.name: u.numel for u in arm.slimfit.units.schedulable}
+        budget = arm.slimfit.controller.scheduler.strategy.step_budget(list(units.values()))
+        arm.cleanup()
+    # from the output side: the head, then the last block's matrices that still fit the budget
+    assert "lm_head.weight" in first and "model.embed_tokens.weight" not in first
+    assert "model.layers.7.self_attn.o_proj.weight" in first and "model.layers.0.self_attn.o_proj.weight" not in first
+    assert sum(units[name] for name in first) <= budget
+    # 4 blocks (the head is then larger than the budget): the last blocks' gradients alone raise the peak
+    setup = _cut_llama_3_8b(tmp_path, 4)
+    with_step = planner.run_arm(setup, "slimfit_default")
+    monkeypatch.setattr(planner, "first_gradients_draw", lambda slimfit: None)
+    drawn_only = planner.run_arm(setup, "slimfit_default")
+    assert with_step.meter_total > drawn_only.meter_total * 1.02, (with_step.meter_total, drawn_only.meter_total)
+
+
+def test_decide_next_trains_the_given_units_and_refuses_unknown_names(llama_dir):
+    setup = planner.Setup(llama_dir, seq_len=16, batch=2, precision="fp32", device="cpu").load()
+    arm = planner.ARM_BUILDERS["slimfit_default"](setup)
+    controller = arm.slimfit.controller
+    with pytest.raises(ValueError, match="unknown unit names"):
+        controller.decide_next({"no.such.weight"})
+    chosen = {controller.units.schedulable[-1].name}
+    controller.decide_next(chosen)
+    controller.begin_step()
+    assert set(controller.trainable) == chosen
+    arm.cleanup()
