@@ -21,7 +21,7 @@ Arms, interleaved round by round on one model and one AdamW (so machine noise hi
 SlimFit arms attach before their step and detach after, outside the timing):
 
 - ``full``: plain full fine-tuning
-- ``slimfit_meter_off``: the packaged default config (``configs/demo.yaml``), ``memory_meter: off``
+- ``slimfit_meter_off``: the packaged decoder default (``configs/sft.yaml``), ``memory_meter: off``
 - ``slimfit_meter_on``: the same, ``memory_meter: always`` (the exact meter at every step)
 - ``slimfit_nocompression_meter_off`` / ``_on``: the default config with ``compression: none``
   (what SlimFit costs apart from quantizing activations)
@@ -76,7 +76,8 @@ from slimfit_accel.controller import FreezeController  # noqa: E402
 from slimfit_accel.memory import MemoryMeter, _GradTracker  # noqa: E402
 from slimfit_accel.paging import OptimizerPaging  # noqa: E402
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "slimfit_accel" / "configs" / "demo.yaml"
+#: The packaged default the recipe uses for a decoder (``--task sft``); every model here is one.
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "slimfit_accel" / "configs" / "sft.yaml"
 GEOMETRIES = {
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=1000, tied=True, batch=8, seq_len=64),
     "smollm2": dict(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152, tied=True, batch=8, seq_len=512),
