@@ -834,23 +834,25 @@ def parse_size(text: str) -> int:
 def budget_ladder(setup: Setup) -> list[tuple[str, dict[str, Any]]]:
     """SlimFit configs from least to most memory-saving; the first that fits is chosen.
 
-    Each rung keeps the previous one's settings: the base config; + optimizer paging; + every
-    block checkpointed; + chunked loss (causal LM); + fp32 masters on host (bf16); then higher
-    freeze ratios (0.9, 0.95, 0.98) with all of the above. Rungs that cost time come after
-    those that cost none (paging is bit-identical and cheap), quality-changing rungs last."""
-    base = setup.base_slimfit()
+    Each rung keeps the previous one's settings: the base config as the recipe runs it (in bf16
+    with paging: bf16 weights, fp32 masters on host, ``slimfit_default_config``); + optimizer
+    paging; + fp32 masters on host (bf16); + every block checkpointed; + chunked loss (causal
+    LM); then higher freeze ratios (0.9, 0.95, 0.98) with all of the above. Rungs that cost
+    time come after those that cost none (paging is bit-identical and cheap; masters on host
+    cost host memory), quality-changing rungs last."""
+    base = slimfit_default_config(setup)
     rungs: list[tuple[str, dict[str, Any]]] = [("the base config", copy.deepcopy(base))]
     config = copy.deepcopy(base)
     config["optimizer_paging"] = True
     rungs.append(("+ optimizer paging", copy.deepcopy(config)))
-    config["checkpointing"] = {"blocks": "all"}
-    rungs.append(("+ every block checkpointed", copy.deepcopy(config)))
-    if setup.task == "causal-lm":
-        config["chunked_loss"] = True
-        rungs.append(("+ chunked loss", copy.deepcopy(config)))
     if setup.bf16:
         config["master_weights"] = "host"
         rungs.append(("+ bf16 weights, fp32 masters on host", copy.deepcopy(config)))
+    config["checkpointing"] = {"blocks": "all"}
+    rungs.append(("+ every block checkpointed", copy.deepcopy(config)))
+    if setup.task == "causal-lm" and config.get("chunked_loss") not in (True, "auto"):
+        config["chunked_loss"] = True
+        rungs.append(("+ chunked loss", copy.deepcopy(config)))
     current = float((config.get("scheduler") or {}).get("freeze_ratio", 0.9))
     for ratio in (0.9, 0.95, 0.98):
         if ratio > current + 1e-9:

@@ -78,6 +78,10 @@ def test_budget_writes_a_config_that_slimfit_loads_and_that_fits(llama_dir, tmp_
     assert config != setup.base_slimfit()
     chosen = planner.run_arm(setup, "budget", builder=lambda s: planner.slimfit_arm(s, config))
     assert chosen.device_total + planner.CUDA_RESERVE <= budget
+    # a budget the default fits as the recipe runs it in bf16 (fp32 masters on host) keeps it
+    choice = planner.fit_budget(setup, base + planner.CUDA_RESERVE)
+    assert choice.rung == "the base config" and choice.config == planner.slimfit_default_config(setup)
+    assert choice.config["master_weights"] == "host" and "checkpointing" not in choice.config
 
 
 def test_json_gives_every_arm_and_category(llama_dir, capsys):
