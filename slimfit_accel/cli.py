@@ -105,7 +105,7 @@ def _estimate(args: argparse.Namespace) -> int:
         weights = planner.weight_bytes(setup)
         if weights >= budget:
             raise ConfigError(f"--budget {args.budget}: the weights alone take {planner.format_gib(weights)} "
-                              f"({args.precision}); no SlimFit config fits: use a bigger GPU")
+                              f"(matrices in int8, the rest {args.precision}); no SlimFit config fits: use a bigger GPU")
         choice = planner.fit_budget(setup, budget, progress=None if args.json else log)
         if args.json:
             print(json.dumps({"budget_bytes": budget, "rung": choice.rung, "config": choice.config,
@@ -114,8 +114,8 @@ def _estimate(args: argparse.Namespace) -> int:
             print(f"fits {planner.format_gib(budget)}: {choice.rung} -> {planner.format_gib(choice.estimate.device_total)} "
                   f"+ {planner.format_gib(planner.CUDA_RESERVE)} CUDA context")
             print("rule: the first config of the ladder (base, as the recipe runs it; + optimizer paging; + fp32 masters on "
-                  "host; + every block checkpointed; + chunked loss; + freeze_ratio 0.9/0.95/0.98) whose estimated device "
-                  "total fits")
+                  "host; + every block checkpointed; + chunked loss; + freeze_ratio 0.9/0.95; + frozen weights in int8; + "
+                  "freeze_ratio 0.98) whose estimated device total fits")
             import yaml
 
             print(yaml.safe_dump(choice.config, sort_keys=False), end="")

@@ -99,6 +99,20 @@ def test_json_gives_every_arm_and_category(llama_dir, capsys):
     assert data["arms"][1]["slimfit_config"]["scheduler"] == {**sft["scheduler"], "freeze_ratio": 0.9}
 
 
+def test_budget_below_the_bf16_weights_reaches_int8_frozen_weights(llama_dir):
+    """The ladder's last resort before freeze ratio 0.98: frozen matrices in int8 (the weights'
+    floor is then their int8 codes, so a budget under the bf16 weights is not refused)."""
+    setup = planner.Setup(llama_dir, seq_len=32, batch=2, precision="bf16").load()
+    ladder = dict(planner.budget_ladder(setup))
+    assert list(ladder)[-2:] == ["+ frozen weights in int8", "+ freeze_ratio 0.98"]
+    int8 = ladder["+ frozen weights in int8"]
+    assert int8["frozen_weights"] == "int8" and int8["scheduler"]["freeze_ratio"] == 0.95
+    needed = planner.run_arm(setup, "budget", builder=lambda s: planner.slimfit_arm(s, int8)).device_total
+    choice = planner.fit_budget(setup, needed + planner.CUDA_RESERVE)
+    assert choice.rung == "+ frozen weights in int8"
+    assert planner.weight_bytes(setup) < 0.6 * sum(p.numel() for p in setup.build_model().parameters()) * 2
+
+
 def test_arms_in_worker_processes_give_the_same_figures(llama_dir):
     """``jobs``: each arm in its own process (the default on a multi-core machine) changes no byte."""
     setup = planner.Setup(llama_dir, seq_len=16, batch=2, precision="bf16", device="cpu").load()
