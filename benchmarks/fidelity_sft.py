@@ -14,10 +14,11 @@ The untrained model's scores are measured once per task and setting (``baselines
 ``full``; ``slimfit_sft`` (the packaged ``slimfit_accel/configs/sft.yaml``, the recipe's default
 for ``--task sft``: ILS with ``age_exponent: 1.5``, read when the run starts; the record keeps it;
 the runs made while it held ``age_exponent: 2`` are recorded as ``slimfit_age2``, the same
-definition, and those of ``slimfit_age15`` as ``slimfit_sft``)
-and ``slimfit_sft_best`` (``slimfit_best``'s settings on it), ``slimfit_sft_chunked`` (it with
-``chunked_loss: true``: the loss without the full logits, exact up to the order of sums; whether
-the default can take it); ``slimfit_default`` (the packaged
+definition, and those of ``slimfit_age15`` as ``slimfit_sft``; since sft.yaml took
+``chunked_loss: auto``, the runs made before are recorded as ``slimfit_sft_standard_loss``, sft.yaml
+without that key) and ``slimfit_sft_best`` (``slimfit_best``'s settings on it),
+``slimfit_sft_chunked`` (sft.yaml with ``chunked_loss: true``: what ``auto`` does on SmolLM2; the
+loss without the full logits, exact up to the order of sums); ``slimfit_default`` (the packaged
 ``slimfit_accel/configs/demo.yaml``, the classification default, which SFT used before); ``slimfit_rows`` (the default with ``units.row_chunks``: the tied embedding / LM head trains by
 row ranges); ``slimfit_best`` (``benchmarks/memory.py``'s most memory-saving config: the default
 at freeze ratio 0.9, every block checkpointed, optimizer paging, SlimFit compression, the loss
@@ -104,6 +105,9 @@ def arms() -> dict[str, dict[str, Any]]:
     default = default_config()
     best = best_config(default)
     sft = default_config("sft.yaml")  # the recipe's default for --task sft
+    # sft.yaml before it took chunked_loss: auto (the records of slimfit_sft_standard_loss, and of
+    # slimfit_sft up to then, were made with it)
+    sft_standard = {key: value for key, value in sft.items() if key != "chunked_loss"}
     # the default with the tied embedding / LM head trainable by row ranges (the decoder-default question)
     rows = json.loads(json.dumps(default))
     rows["units"] = {**rows.get("units", {}), "row_chunks": True}
@@ -143,15 +147,19 @@ def arms() -> dict[str, dict[str, Any]]:
         # the full / slimfit_default work through TRL's SFTTrainer (run_trl)
         "trl_full": {"kind": "trl", "data_order": "recipe"},
         "trl_slimfit": {"kind": "trl", "slimfit": default, "data_order": "recipe"},
-        "trl_slimfit_sft": {"kind": "trl", "slimfit": sft, "data_order": "recipe"},
+        # without chunked_loss: TRL computes its loss through its own fused LM head, so the key
+        # changes nothing there (checked: identical losses)
+        "trl_slimfit_sft": {"kind": "trl", "slimfit": sft_standard, "data_order": "recipe"},
         # diagnostics of trl_slimfit's gap: no compression; what the model's own forward saves outside
         # every submodule (TRL's fused LM head: the hidden states it recomputes the logits from) exact
         "trl_slimfit_nocomp": {"kind": "trl", "slimfit": nocomp, "data_order": "recipe"},
         "trl_slimfit_topexact": {"kind": "trl", "slimfit": top_exact, "data_order": "recipe"},
         "slimfit_default": {"kind": "slimfit", "slimfit": default},
         "slimfit_sft": {"kind": "slimfit", "slimfit": sft},
-        # the SFT default with the chunked loss (exact: no logits kept; the default-to-be question)
-        "slimfit_sft_chunked": {"kind": "slimfit", "slimfit": {**json.loads(json.dumps(sft)), "chunked_loss": True}},
+        # the SFT default with the standard loss (int8 log-probabilities), as it was measured first
+        "slimfit_sft_standard_loss": {"kind": "slimfit", "slimfit": sft_standard},
+        # ... and with the chunked loss (what chunked_loss: auto does on SmolLM2; exact, no logits kept)
+        "slimfit_sft_chunked": {"kind": "slimfit", "slimfit": {**json.loads(json.dumps(sft_standard)), "chunked_loss": True}},
         "slimfit_sft_best": {"kind": "slimfit", "slimfit": best_config(sft)},
         "slimfit_rows": {"kind": "slimfit", "slimfit": rows},
         "slimfit_best": {"kind": "slimfit", "slimfit": best},
