@@ -822,10 +822,13 @@ def to_json(setup: Setup, results: list[ArmEstimate]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------- budget
 def parse_size(text: str) -> int:
-    """``24GiB``, ``24GB`` (as cards are sold: GiB), ``1.5TiB``, ``800MiB``, or bytes."""
+    """``24GiB``, ``24GB`` (as cards are sold: GiB), ``1.5TiB``, ``800MiB``, or bytes (a bare number
+    under 1 MiB is refused: ``24`` is a GPU size missing its unit)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*", text, flags=re.IGNORECASE)
     if not match:
         raise ConfigError(f"--budget {text!r}: write a size such as 24GiB or 12GB")
+    if match.group(2) is None and float(match.group(1)) < 2**20:  # "--budget 24" means 24 GiB, not bytes
+        raise ConfigError(f"--budget {text!r}: no unit, so {match.group(1)} bytes; write the unit, e.g. {match.group(1)}GiB")
     number, unit = float(match.group(1)), (match.group(2) or "B").upper()
     scale = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit[0]]
     return int(number * scale)

@@ -153,6 +153,13 @@ def test_a_folder_without_config_json_is_one_line_exit_2(tmp_path, capsys):
     assert "no config.json there" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_budget_without_its_unit_is_one_line_exit_2(llama_dir, capsys):
+    """``--budget 24`` is a GPU size missing its unit, not 24 bytes."""
+    assert main(["estimate", "--model", str(llama_dir), "--seq-len", "16", "--batch", "1", "--budget", "24"]) == 2
+    err = capsys.readouterr().err
+    assert "no unit" in err and "24GiB" in err and len(err.strip().splitlines()) == 1
+
+
 def test_a_budget_below_the_weights_is_one_line_exit_2(llama_dir, capsys):
     assert main(["estimate", "--model", str(llama_dir), "--seq-len", "16", "--batch", "1", "--budget", "1KiB"]) == 2
     err = capsys.readouterr().err
