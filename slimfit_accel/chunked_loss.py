@@ -195,7 +195,7 @@ def _loss_and_grad_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_in
     loss = (lse[rows, 0] - x[rows, cols]).sum()
     grad = x.sub_(lse).exp_()
     grad[rows, cols] -= 1.0
-    grad.mul_(valid.unsqueeze(1).to(grad.dtype))
+    grad[~valid] = 0.0  # ignored tokens: only their rows are written, not a pass over the chunk
     return loss, grad.to(dtype)
 
 

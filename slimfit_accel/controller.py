@@ -98,7 +98,7 @@ class FreezeController:
 
     def decide_next(self, chosen: set[str]) -> None:
         """Train ``chosen`` (schedulable unit names) at the current step instead of asking the
-        scheduler: the memory planner's step with the largest trained set (``estimate.largest_draw``)."""
+        scheduler: the memory planner's extra step (``estimate.first_gradients_draw``)."""
         unknown = sorted(set(chosen) - self._by_name.keys())
         if unknown:
             raise ValueError(f"decide_next: unknown unit names {unknown[:5]}")

@@ -841,9 +841,8 @@ def budget_ladder(setup: Setup) -> list[tuple[str, dict[str, Any]]]:
     with paging: bf16 weights, fp32 masters on host, ``slimfit_default_config``); + optimizer
     paging; + fp32 masters on host (bf16); + every block checkpointed; + chunked loss (causal
     LM); then freeze ratios 0.9 and 0.95, frozen weights in int8, freeze ratio 0.98, each with
-    all of the above. Rungs that cost
-    time come after those that cost none (paging is bit-identical and cheap; masters on host
-    cost host memory), quality-changing rungs last."""
+    all of the above. Rungs that cost time come after those that cost none (paging is
+    bit-identical and cheap; masters on host cost host memory), quality-changing rungs last."""
     base = slimfit_default_config(setup)
     rungs: list[tuple[str, dict[str, Any]]] = [("the base config", copy.deepcopy(base))]
     config = copy.deepcopy(base)
