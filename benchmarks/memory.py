@@ -86,13 +86,12 @@ ARMS = ["full", "full_checkpointing", "lora", "lisa", "badam", "galore", "slimfi
 #: The arms ``--precision bf16`` runs by default (issue 17's table); the first two only exist in bf16.
 BF16_ARMS = ["full_amp", "full_bf16", "full_checkpointing", "lora", "badam", "slimfit_default", "slimfit_best", "slimfit_int8"]
 BF16_ONLY = ["full_amp", "full_bf16"]
-CONFIGS = Path(__file__).resolve().parents[1] / "slimfit_accel" / "configs"
-
-
 def default_config_path(args) -> Path:
     """The packaged default the recipe uses for the model's task (as ``slimfit-accel estimate``):
     ``sft.yaml`` for the Llama decoder (``--task sft``), ``demo.yaml`` for the BERT classifier."""
-    return CONFIGS / ("sft.yaml" if args.model == "llama" else "demo.yaml")
+    from slimfit_accel.configs import packaged_config
+
+    return Path(packaged_config("sft" if args.model == "llama" else "demo"))
 CUDA_ARMS = ["full_offload"]
 
 
