@@ -8,7 +8,7 @@ freezing plus the default compression; ``slimfit_default``: the packaged default
 recipe uses for the model's task (``slimfit_accel/configs/demo.yaml`` for BERT, ``sft.yaml`` for
 the Llama decoder; read when the arm runs, so it measures what users get);
 ``slimfit_default_ratio``: that config with ``--freeze-ratio``; ``slimfit_best``: that config
-with ``--freeze-ratio``, block checkpointing and optimizer paging;
+with ``--freeze-ratio``, block checkpointing and optimizer paging stepped in backward;
 on CUDA also activation offloading (saved tensors moved to pinned host memory, as torchtune and
 TRL do); ``slimfit_int8``: ``slimfit_best`` with ``frozen_weights: int8`` (frozen matrices as int8
 codes + fp32 row scales on the device).
@@ -75,6 +75,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slimfit_accel import SlimFit  # noqa: E402
 from slimfit_accel.compression import CompressionEngine, CompressionPolicy, CompressorSpec  # noqa: E402
+from slimfit_accel.estimate import BEST_STEP, worst_case_total  # noqa: E402
 from slimfit_accel.memory import MemoryMeter, format_bytes  # noqa: E402
 
 #: Import name -> (distribution, slimfit-accel extra that installs it), for the arms' requirements.
@@ -281,17 +282,6 @@ def prime_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def worst_case_step(slimfit: SlimFit, optimizer: torch.optim.Optimizer, device: torch.device) -> tuple[int, int]:
-    """(gradient bytes, device-resident state bytes) that one step may hold at most under paging,
-    whatever units the measured steps happened to draw (``slimfit_accel.estimate.worst_case_step``:
-    the gradients of everything not schedulable plus the step's budget, the state of the largest
-    chunk paging streams, two on CUDA, which prefetches; with fp32 masters, also their masters
-    and fp32 gradients)."""
-    from slimfit_accel.estimate import worst_case_step as bound
-
-    return bound(slimfit, optimizer, cuda=device.type == "cuda")
-
-
 def _slimfit_arm(args, device, config):
     model = build_model(args, device)
     # every step measured: the arms' figures are exact peaks (memory_meter samples by default)
@@ -347,14 +337,15 @@ def arm_slimfit_default_ratio(args, device):
 
 
 def arm_slimfit_best(args, device):
-    """The default config with ``--freeze-ratio``, every block checkpointed and optimizer paging; for
-    the Llama decoder also the chunked loss, and under ``--precision bf16`` fp32 masters on host."""
+    """The default config with ``--freeze-ratio``, every block checkpointed and optimizer paging with
+    the step in backward (``slimfit_accel.estimate.BEST_STEP``); for the Llama decoder also the
+    chunked loss, and under ``--precision bf16`` fp32 masters on host."""
     return _slimfit_arm(args, device, _slimfit_best_config(args))
 
 
 def _slimfit_best_config(args) -> dict:
     config = _default_config_at_ratio(args)
-    config.update(checkpointing={"blocks": "all"}, optimizer_paging=True, compression="slimfit")
+    config.update(checkpointing={"blocks": "all"}, optimizer_paging=True, compression="slimfit", **BEST_STEP)
     if args.model == "llama":  # no logits kept, 256 tokens a chunk (as slimfit_accel.estimate's slimfit_best)
         config["chunked_loss"] = {"chunk_size": 256}
     if args.precision == "bf16":  # bf16 weights on the device, fp32 masters on host
@@ -457,20 +448,10 @@ def run_arm(name: str, args: argparse.Namespace, batch_size: int, device: torch.
     # (SlimFit arms start primed; the others hold all they ever hold after the warm-up step).
     # Under paging the state of the trained units is on the device only while the step streams
     # it; the measured steps may have drawn small units, so the step is also bounded by the
-    # largest it can be (``worst_case_step``), and the gradient shortfall is added to the peak.
+    # largest it can be, and the gradient shortfall is added to the peak (``worst_case_total``).
     slimfit = SLIMFIT_OF.pop(id(meter), None)
-    paging = slimfit.controller.backend.paging if slimfit is not None else None
-    grads_extra = weights_extra = 0
-    if slimfit is not None and slimfit.frozen_int8 is not None:  # a step may train more than the ones measured
-        from slimfit_accel.estimate import worst_case_weights
-
-        weights_extra = max(0, worst_case_weights(slimfit) - peak["params"])
-    steady_total = peak["total"] + weights_extra
-    if paging is not None:
-        worst_grads, worst_chunk = worst_case_step(slimfit, optimizer, device)
-        grads_extra = max(0, worst_grads - peak["grads"])
-        step_bound = peak["params"] + weights_extra + worst_grads + worst_chunk
-        steady_total = max(peak["total"] + weights_extra + grads_extra, step_bound)
+    bound = worst_case_total(slimfit, optimizer, peak, cuda=device.type == "cuda") if slimfit is not None else None
+    steady_total = bound.total if bound is not None else peak["total"]
     full_state = peak["optimizer"] + peak["optimizer_paged"]
     result = {
         "name": name,
@@ -490,8 +471,8 @@ def run_arm(name: str, args: argparse.Namespace, batch_size: int, device: torch.
             "optimizer_device_bytes": peak["optimizer"],  # peak resident (under paging: in the step)
             "optimizer_host_bytes": peak["optimizer_paged"],
             "total_bytes": steady_total,
-            "gradients_worst_case_extra_bytes": grads_extra,
-            "weights_worst_case_extra_bytes": weights_extra,  # frozen_weights: int8: more trained copies than measured
+            "gradients_worst_case_extra_bytes": bound.gradients_extra if bound is not None else 0,
+            "weights_worst_case_extra_bytes": bound.weights_extra if bound is not None else 0,  # frozen_weights: int8: more trained copies than measured
         },
         "by_compressor": meter.summary().by_compressor,
     }

@@ -12,7 +12,9 @@ forward and backward, so neither the forward graph nor the recomputation compute
 gradients, and a frozen linear layer saves no input in the recomputation either.
 
 The recomputed block's saved tensors are alive only during its backward; they are added to the
-memory meter's live activation bytes (as ``recomputed``) while they are.
+memory meter's live activation bytes (as ``recomputed``) while they are. Callables in
+``before_recompute`` run just before each recomputation (the step in backward updates there the
+units whose gradients are complete, so no finished gradient waits through the recomputation).
 
 The patched forward is bound to each block and reads its state from the block, so a
 ``copy.deepcopy`` of the model checkpoints on its own weights and ``torch.save(model)`` works.
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import weakref
 from functools import partial
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -86,6 +88,7 @@ class BlockCheckpointing:
         self.counter = counter
         self._wrapped: list[nn.Module] = []
         self.recomputations = 0
+        self.before_recompute: list[Callable[[], None]] = []
 
     def attach(self) -> "BlockCheckpointing":
         if self._wrapped:
@@ -144,6 +147,8 @@ def _checkpointed_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
             return original(*call_args, **call_kwargs)
         if owner is not None:
             owner.recomputations += 1
+            for callback in owner.before_recompute:
+                callback()
         value = node.saved_tensors[0].detach().requires_grad_(True)
         call_args, call_kwargs = _replace(args, kwargs, position, value)
         with _CountRecomputed(owner.counter if owner is not None else None):

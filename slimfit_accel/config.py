@@ -133,7 +133,12 @@ class SlimFitConfig(BaseModel):
     the trained units' state through the optimizer step, chunk by chunk, releasing each chunk's
     gradients as it goes; results are bit-identical. For torch optimizers on one device or
     DDP; a no-op (with a warning) under DeepSpeed ZeRO, whose ``offload_optimizer`` keeps the
-    state on host instead.
+    state on host instead. ``paging_chunk_mib`` (default 32): how many MiB of parameters (of
+    their fp32 masters under ``master_weights: host``) are stepped at once; a larger tensor is
+    stepped a slice of rows of that size at a time. The device holds one chunk's state (masters,
+    two moments, fp32 gradients: 4x that; twice on CUDA with the prefetch) while it is stepped:
+    with ``optimizer_step: in_backward`` that is during backward, so a smaller chunk lowers the
+    peak (at more, smaller copies).
 
     ``master_weights``: ``host`` keeps each weight once on the device, in bf16, and the fp32
     master weights of what the optimizer trains in host memory with the optimizer state,
@@ -193,6 +198,7 @@ class SlimFitConfig(BaseModel):
     )
     compression: Literal["slimfit", "reference", "none"] | CompressionPolicy = "slimfit"
     optimizer_paging: bool = False
+    paging_chunk_mib: float = Field(default=32.0, gt=0.0)
     master_weights: Literal["host"] | None = None
     frozen_weights: Literal["full", "int8"] = "full"
     optimizer_step: Literal["after_backward", "in_backward"] = "after_backward"
@@ -235,6 +241,8 @@ class SlimFitConfig(BaseModel):
             raise ValueError(
                 "master_weights: host streams the masters with the optimizer state: set optimizer_paging: true"
             )
+        if "paging_chunk_mib" in self.model_fields_set and not self.optimizer_paging:
+            raise ValueError("paging_chunk_mib sizes the streamed optimizer step: set optimizer_paging: true, or remove it")
         if self.units.row_chunks is not None and not self.optimizer_paging:
             raise ValueError(
                 "units.row_chunks steps a split tensor's optimizer state a row range at a time, which the "

@@ -26,7 +26,7 @@ Fake tensors have no data, so a few things are supplied (``shape_only``):
 
 Steady state (as ``benchmarks/memory.py`` measures it): arms built on SlimFit start with AdamW
 state for every parameter (resident, or paged to host); under optimizer paging the step is
-also bounded by the largest the config allows (``worst_case_step``), and with
+also bounded by the largest the config allows (``worst_case_total``), and with
 ``frozen_weights: int8`` the weights by the largest set of full-precision copies a step can
 train (``worst_case_weights``). Under ILS's parameter budget one more step is measured, which
 trains the units whose gradients backward makes first (``first_gradients_draw``: the LM head,
@@ -452,14 +452,21 @@ def slimfit_default_config(setup: Setup) -> dict[str, Any]:
 #: working set at a quarter of the default's (Llama-3-8B, 2 x 2048: 0.24 vs 0.98 GiB).
 BEST_LOSS_CHUNK = {"chunk_size": 256}
 
+#: The optimizer step of the most memory-saving config: each trained unit stepped as soon as its
+#: gradient is complete, so backward holds two units' gradients instead of the step's, and 4 MiB
+#: of fp32 masters paged in at a time (16 MiB of device state while a unit is stepped, against
+#: 128 MiB at the default 32). Exact (bit-identical to the step after backward).
+BEST_STEP = {"optimizer_step": "in_backward", "paging_chunk_mib": 4}
+
 
 def slimfit_best_config(setup: Setup) -> dict[str, Any]:
-    """The default config with ``freeze_ratio``, every block checkpointed, optimizer paging, and
-    for a causal LM the chunked loss; in bf16 the fp32 masters on host (bf16 weights on device)."""
+    """The default config with ``freeze_ratio``, every block checkpointed, optimizer paging with
+    the step in backward (``BEST_STEP``), and for a causal LM the chunked loss; in bf16 the fp32
+    masters on host (bf16 weights on device)."""
     config = setup.base_slimfit()
     scheduler = dict(config.get("scheduler") or {"name": "ils"})
     scheduler["freeze_ratio"] = setup.freeze_ratio
-    config.update(scheduler=scheduler, checkpointing={"blocks": "all"}, optimizer_paging=True)
+    config.update(scheduler=scheduler, checkpointing={"blocks": "all"}, optimizer_paging=True, **BEST_STEP)
     config.setdefault("compression", "slimfit")
     if setup.task == "causal-lm":
         config["chunked_loss"] = dict(BEST_LOSS_CHUNK)
@@ -477,7 +484,7 @@ def arm_slimfit_default(setup: Setup) -> Arm:
 
 
 def arm_slimfit_best(setup: Setup) -> Arm:
-    parts = [f"freeze_ratio {setup.freeze_ratio}", "all blocks checkpointed", "optimizer paging"]
+    parts = [f"freeze_ratio {setup.freeze_ratio}", "all blocks checkpointed", "optimizer paging, stepped in backward"]
     parts += ["chunked loss"] if setup.task == "causal-lm" else []
     parts += ["bf16 weights, fp32 masters on host"] if setup.bf16 else []
     return slimfit_arm(setup, slimfit_best_config(setup), note=", ".join(parts))
@@ -559,14 +566,11 @@ def run_arm(setup: Setup, name: str, builder: Callable[[Setup], Arm] | None = No
         peak = {k: max(getattr(m, k) for m in measured) for k in
                 ("params", "grads", "optimizer", "activations", "activations_raw", "total", "optimizer_paged", "master_paged")}
         total = peak["total"]
-        if arm.slimfit is not None and arm.slimfit.frozen_int8 is not None:
-            worst_weights = worst_case_weights(arm.slimfit)
-            total += max(0, worst_weights - peak["params"])
-            peak["params"] = max(peak["params"], worst_weights)
-        if arm.slimfit is not None and arm.slimfit.controller.backend.paging is not None:
-            worst_grads, worst_chunk = worst_case_step(arm.slimfit, arm.optimizer, cuda=setup.device == "cuda")
-            total = max(total + max(0, worst_grads - peak["grads"]), peak["params"] + worst_grads + worst_chunk)
-            peak["grads"] = max(peak["grads"], worst_grads)
+        if arm.slimfit is not None:
+            bound = worst_case_total(arm.slimfit, arm.optimizer, peak, cuda=setup.device == "cuda")
+            total = bound.total
+            peak["params"] += bound.weights_extra
+            peak["grads"] = max(peak["grads"], bound.worst_grads)
         trainable = sum(p.numel() for g in arm.optimizer.param_groups for p in g["params"])
         working = working_set(setup, arm)
         result = ArmEstimate(
@@ -582,16 +586,60 @@ def run_arm(setup: Setup, name: str, builder: Callable[[Setup], Arm] | None = No
     return result
 
 
+@dataclass(frozen=True)
+class StepBound:
+    """A SlimFit arm's steady total: the measured peak raised to the worst step its config allows."""
+
+    total: int
+    weights_extra: int = 0  # frozen_weights: int8: more full-precision copies than the measured steps held
+    gradients_extra: int = 0  # under paging: gradient bytes added to the measured peak
+    worst_grads: int = 0  # the most gradient bytes a step may hold at once (0 without paging)
+
+
+def worst_case_total(slimfit: Any, optimizer: torch.optim.Optimizer, peak: Mapping[str, int], cuda: bool = True) -> StepBound:
+    """The measured ``peak`` (the meter's per-category maxima over the measured steps and their
+    ``total``) raised to what any draw of the config could hold (``benchmarks/memory.py`` uses it
+    too). Weights: ``worst_case_weights``. Under paging, stepped after backward, the step holds
+    every trained gradient at the end of backward: the measured peak gets the gradient shortfall,
+    and the step itself is bounded by weights + worst gradients + one chunk's state
+    (``worst_case_step``). Stepped in backward, gradients and a chunk exist only while units are
+    stepped, at most two units' gradients and one chunk at a time: both are added to the measured
+    peak whatever it held (an upper bound: the measured peak moment may have held some)."""
+    weights_extra = max(0, worst_case_weights(slimfit) - peak["params"]) if slimfit.frozen_int8 is not None else 0
+    total = peak["total"] + weights_extra
+    if slimfit.controller.backend.paging is None:
+        return StepBound(total, weights_extra)
+    worst_grads, worst_chunk = worst_case_step(slimfit, optimizer, cuda=cuda)
+    if _steps_in_backward(slimfit):
+        return StepBound(total + worst_grads + worst_chunk, weights_extra, worst_grads, worst_grads)
+    extra = max(0, worst_grads - peak["grads"])
+    bound = max(total + extra, peak["params"] + weights_extra + worst_grads + worst_chunk)
+    return StepBound(bound, weights_extra, extra, worst_grads)
+
+
+def _steps_in_backward(slimfit: Any) -> bool:
+    from .step_in_backward import InBackwardStepBackend
+
+    return isinstance(slimfit.controller.backend, InBackwardStepBackend)
+
+
 def worst_case_step(slimfit: Any, optimizer: torch.optim.Optimizer, cuda: bool = True) -> tuple[int, int]:
-    """(gradient bytes, device-resident state bytes) one step may hold at most under paging,
-    whatever units were drawn: gradients of everything not schedulable plus the step's budget
-    (ILS ``budget: parameters``) or the largest units as many as it picks; the state of the
-    largest chunk paging streams (of parameters a step can train: units the scheduler never
-    picks are never streamed; with an element-wise optimizer at most ``chunk_bytes`` or one row,
-    larger parameters being stepped by row slices) (two on CUDA, which prefetches);
-    ``benchmarks/memory.py`` uses it."""
+    """(gradient bytes, device-resident state bytes) one step may hold at once under paging,
+    whatever units were drawn. Stepped after backward: gradients of everything not schedulable
+    plus the step's budget (ILS ``budget: parameters``) or the largest units as many as it picks.
+    Stepped in backward (``optimizer_step: in_backward``): a unit is stepped at the gradient hook
+    after its last one, so the two largest units (or lone parameters) that can train. State: the
+    largest chunk paging streams (of parameters a step can train: units the scheduler never picks
+    are never streamed; with an element-wise optimizer at most ``chunk_bytes`` or one row, larger
+    parameters being stepped by row slices) (two on CUDA, which prefetches)."""
+    # what a step can ever train: every parameter but those of units the scheduler never picks
+    from .never_trained import never_trained
+
+    never = set(never_trained(slimfit.scheduler, slimfit.units.schedulable))
+    idle = {id(p) for u in slimfit.units.schedulable if u.name in never for p in u.params}
+    params = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in idle]
     scheduled = {id(p) for u in slimfit.units.schedulable for p in u.params}
-    grads = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"] if id(p) not in scheduled)
+    grads = sum(p.numel() * p.element_size() for p in params if id(p) not in scheduled)
     strategy = slimfit.controller.scheduler.strategy
     size = slimfit.units.schedulable[0].params[0].element_size()
     if getattr(strategy, "budget", "units") == "parameters":
@@ -600,24 +648,27 @@ def worst_case_step(slimfit: Any, optimizer: torch.optim.Optimizer, cuda: bool =
         picked = len(slimfit.controller.trainable)
         largest = sorted(slimfit.units.schedulable, key=lambda u: u.numel, reverse=True)[:picked]
         grads += sum(p.numel() * p.element_size() for u in largest for p in u.params)
+    if _steps_in_backward(slimfit):
+        trainable = {id(p) for p in params}
+        in_units = {id(p) for u in slimfit.units.all for p in u.params}
+        groups = [sum(p.numel() * p.element_size() for p in u.params if id(p) in trainable) for u in slimfit.units.all]
+        groups += [p.numel() * p.element_size() for p in params if id(p) not in in_units]
+        groups.sort(reverse=True)
+        grads, stepped = min(grads, sum(groups[:2])), min(grads, groups[0])
+    else:
+        stepped = grads  # every chunk of the step's gradients is stepped after backward
     paging = slimfit.controller.backend.paging
-    # what a step can ever stream: every parameter but those of units the scheduler never picks
-    from .never_trained import never_trained
-
-    never = set(never_trained(slimfit.scheduler, slimfit.units.schedulable))
-    idle = {id(p) for u in slimfit.units.schedulable if u.name in never for p in u.params}
-    params = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in idle]
     # the largest chunk: a parameter larger than chunk_bytes is a chunk of its own, or with an
     # element-wise optimizer stepped a slice of rows (at least one row) at a time and never prefetched
     sliced = paging.steps_by_rows()
     if paging.masters is None:
         largest_param = max(_step_numel(p, sliced) * p.element_size() for p in params)
-        chunk = min(max(paging.chunk_bytes, largest_param), grads)  # a chunk holds no more than the step trains
+        chunk = min(max(paging.chunk_bytes, largest_param), stepped)  # a chunk holds no more than is stepped at once
         chunk_state = 2 * chunk + 64  # two moments (+ step counts)
     else:  # chunks count fp32 masters; the one stepped holds its masters, two fp32 moments and fp32
         # gradients, the one prefetched on CUDA its masters and moments
         largest_master = max(_step_numel(p, sliced) * 4 for p in params)
-        chunk = min(max(paging.chunk_bytes, largest_master), grads * 4 // size)
+        chunk = min(max(paging.chunk_bytes, largest_master), stepped * 4 // size)
         return grads, 4 * chunk + 64 + (3 * chunk + 64 if cuda else 0)
     return grads, chunk_state * (2 if cuda else 1)
 

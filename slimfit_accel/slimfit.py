@@ -212,6 +212,8 @@ class SlimFit:
             meter_engine = self.memory.engine if self.memory is not None else None
             counter = meter_engine._counter if meter_engine is not None else None  # noqa: SLF001
             self.checkpointing = BlockCheckpointing(self.model, self.config.checkpointing.blocks, counter).attach()
+            if isinstance(backend, InBackwardStepBackend):  # no finished gradient held through a recomputation
+                self.checkpointing.before_recompute.append(backend.flush)
         if accelerator is not None:
             accelerator.register_for_checkpointing(self.controller)
         self.accelerator = accelerator
@@ -352,7 +354,9 @@ class SlimFit:
         if rows is not None:
             rows.check_optimizer(torch_optimizer)
         paging = (
-            OptimizerPaging(torch_optimizer, masters=self.master_weights, rows=rows) if self.config.optimizer_paging else None
+            OptimizerPaging(torch_optimizer, chunk_bytes=int(self.config.paging_chunk_mib * 2**20), masters=self.master_weights, rows=rows)
+            if self.config.optimizer_paging
+            else None
         )
         if self.config.optimizer_step == "in_backward":
             return InBackwardStepBackend(torch_optimizer, self.units, paging=paging, ddp=ddp_of(accelerator, model))

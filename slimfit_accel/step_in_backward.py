@@ -8,8 +8,8 @@ its optimizer state (and fp32 masters, ``master_weights: host``) is paged in (``
 on CUDA the unit expected next in backward order is prefetched on a side stream), the optimizer's
 own update runs on its parameters alone (the param groups narrowed to them, ``lr_scale`` held for
 the update), the state is paged out and the gradients are freed. A unit is stepped at the next
-gradient hook or at the end of backward, so the memory meter's own hook has counted its last
-gradient first. ``optimizer.step()`` in the user's loop then only does the bookkeeping: units whose
+gradient hook, before a checkpointed block is recomputed (``checkpointing.py``) or at the end of
+backward, so the memory meter's own hook has counted its last gradient first. ``optimizer.step()`` in the user's loop then only does the bookkeeping: units whose
 gradients never completed (a parameter unused in forward) are stepped, the scorer's ``after_step``
 runs unit by unit in the controller's order, counters advance.
 
@@ -422,6 +422,18 @@ class InBackwardStepBackend:
                     param.grad = grad
                     self._reduced[key] = (param, grad)
                     self._mark_usable(key)
+            self._flush()
+
+    def flush(self) -> None:
+        """Step now every unit whose gradients are complete (``BlockCheckpointing`` calls it before
+        recomputing a block, so no finished gradient is held through the recomputation). The
+        recomputation runs with grad mode and autocast on; the update runs with both off, as at a
+        gradient hook."""
+        if not self._pending and not self._buckets:
+            return
+        device = self._groups[0][1][0].device.type
+        with torch.no_grad(), torch.autocast(device, enabled=False):
+            self._take_buckets()
             self._flush()
 
     def _flush(self) -> None:

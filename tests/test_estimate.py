@@ -212,6 +212,22 @@ def test_a_step_that_trains_the_output_side_is_part_of_the_estimate(tmp_path, mo
     assert with_step.meter_total > drawn_only.meter_total * 1.02, (with_step.meter_total, drawn_only.meter_total)
 
 
+def test_in_backward_a_step_is_bounded_by_two_units_gradients_and_one_chunk(llama_dir):
+    """``slimfit_best`` steps in backward: the bound adds to the measured peak the two largest units'
+    gradients (one waiting for the next gradient hook, one arriving) and one chunk's state, not the
+    whole step's gradients; a real run's meter never saw more gradient bytes than that."""
+    setup = planner.Setup(llama_dir, seq_len=32, batch=2, precision="bf16", device="cpu").load()
+    arm = planner.ARM_BUILDERS["slimfit_best"](setup)
+    assert arm.slimfit.config.optimizer_step == "in_backward"
+    grads, chunk = planner.worst_case_step(arm.slimfit, arm.optimizer, cuda=False)
+    sizes = sorted((sum(p.numel() * p.element_size() for p in u.params) for u in arm.slimfit.units.all), reverse=True)
+    budget = arm.slimfit.controller.scheduler.strategy.step_budget([u.numel for u in arm.slimfit.units.schedulable]) * 2
+    arm.cleanup()
+    assert grads == min(sizes[0] + sizes[1], budget) and 0 < chunk <= 4 * 2 * grads + 64
+    real = planner.run_arm(dataclasses.replace(setup, fake=False), "slimfit_best")
+    assert real.gradients == grads  # the largest of the measured peak and the bound
+
+
 def test_decide_next_trains_the_given_units_and_refuses_unknown_names(llama_dir):
     setup = planner.Setup(llama_dir, seq_len=16, batch=2, precision="fp32", device="cpu").load()
     arm = planner.ARM_BUILDERS["slimfit_default"](setup)

@@ -29,13 +29,15 @@ def start(config, layers=2, optimizer="adamw", device="cpu"):
     return slimfit, model, opt
 
 
-def train(slimfit, model, opt, steps=10, left=None):
+def train(slimfit, model, opt, steps=10, left=None, autocast=False):
     decisions = []
     for step in range(steps):
         with slimfit.step():
             decisions.append(tuple(slimfit.controller.trainable))
             batch = {k: v.to(model.device) for k, v in lm_batch(step).items()}
-            model(**batch).loss.backward()
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = model(**batch).loss
+            loss.backward()
             if left is not None:  # gradients the loop's optimizer.step() finds
                 left.append(sum(p.grad is not None for p in model.parameters()))
             opt.step()
@@ -43,10 +45,12 @@ def train(slimfit, model, opt, steps=10, left=None):
     return decisions
 
 
-def run(config, optimizer="adamw", steps=10, device="cpu"):
+def run(config, optimizer="adamw", steps=10, device="cpu", autocast=False, setup=None):
     slimfit, model, opt = start(config, optimizer=optimizer, device=device)
+    if setup is not None:
+        setup(slimfit)
     left = []
-    decisions = train(slimfit, model, opt, steps, left)
+    decisions = train(slimfit, model, opt, steps, left, autocast=autocast)
     assert (max(left) == 0) == (config.get("optimizer_step") == "in_backward")
     masters = {id(m.param): m.host.clone() for m in slimfit.master_weights} if slimfit.master_weights else {}
     return SimpleNamespace(slimfit=slimfit, model=model, opt=opt, decisions=decisions, masters=masters,
@@ -88,6 +92,38 @@ def test_adamw_bit_identical_to_the_ordinary_step(setting):
         assert in_backward.slimfit.controller.backend.paging.chunks_stepped > 0
     for result in (ordinary, in_backward):
         result.slimfit.detach()
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_with_checkpointing_finished_units_are_stepped_before_each_recomputation(autocast):
+    """A unit whose gradients are complete is stepped before the next checkpointed block is
+    recomputed, not at the next gradient hook after it: no finished gradient is held through a
+    recomputation. Bit-identical still: inside the recomputation the update runs with grad mode
+    and autocast off, as at a gradient hook."""
+    config = {**BASE, **SETTINGS["paging_masters"], "checkpointing": {"blocks": "all"}}
+    held = []
+
+    def probe(slimfit):  # runs after the backend's own callback
+        params = list(slimfit.model.parameters())
+        slimfit.checkpointing.before_recompute.append(lambda: held.append(sum(p.grad is not None for p in params)))
+
+    ordinary = run(config, autocast=autocast)
+    in_backward = run({**config, "optimizer_step": "in_backward"}, autocast=autocast, setup=probe)
+    assert_identical(ordinary, in_backward)
+    assert len(held) >= 10 and max(held) == 0  # a block is recomputed when something below it trains
+    assert in_backward.slimfit.controller.backend.counts["backward"] > 0
+
+
+def test_paging_chunk_mib_sizes_the_chunks_and_needs_paging():
+    config = {**BASE, **SETTINGS["paging_masters"], "optimizer_step": "in_backward"}
+    small = run({**config, "paging_chunk_mib": 0.002})
+    paging = small.slimfit.controller.backend.paging
+    assert paging.chunk_bytes == int(0.002 * 2**20) and paging.slices_stepped > 0  # larger tensors by row slices
+    assert_identical(run(config), small)
+    with pytest.raises(ConfigError, match="paging_chunk_mib.*optimizer_paging: true"):
+        SlimFit.from_config({**BASE, "paging_chunk_mib": 4})
+    with pytest.raises(ConfigError, match="paging_chunk_mib"):
+        SlimFit.from_config({**BASE, "optimizer_paging": True, "paging_chunk_mib": 0})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned host state, prefetch on a side stream)")
