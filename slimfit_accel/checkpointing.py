@@ -4,8 +4,10 @@ A checkpointed transformer block saves nothing for backward during the forward p
 recomputes it (``torch.utils.checkpoint``, non-reentrant, so DDP with unused parameters and
 ZeRO work). What the block keeps instead is its input, and that input goes through the
 compression engine like any saved tensor, tagged with role ``block_input`` (the default policy
-stores it as int8, one scale per row; with ``compression: none`` it is kept exactly). The
-recomputation starts from that stored input.
+stores it as int8, one scale per row; with ``compression: none`` it is kept exactly), or with
+``exact_input`` tagged ``EXACT_ROLE`` and kept as it is. The recomputation starts from that
+stored input: from an exact one it saves exactly what the forward would have (same RNG state,
+same autocast), so the gradients equal those without checkpointing.
 
 SlimFit's frozen units need nothing special: they have ``requires_grad`` off during the step's
 forward and backward, so neither the forward graph nor the recomputation computes their weight
@@ -38,7 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .compression.accounting import ByteCounter, tensor_bytes
-from .compression.roles import tag_role
+from .compression.roles import EXACT_ROLE, tag_role
 from .compression.swaps import bind_forward
 from .errors import ConfigError
 from .units import find_blocks
@@ -76,11 +78,13 @@ class BlockCheckpointing:
     """Checkpoints the chosen transformer blocks of ``model`` (found structurally, ``units.find_blocks``).
 
     ``counter``: the byte counter the recomputed tensors are added to while alive (the memory
-    meter's engine counter); None counts nothing.
+    meter's engine counter); None counts nothing. ``exact_input``: keep each block's input as it
+    is (else the policy compresses it, role ``block_input``).
     """
 
-    def __init__(self, model: nn.Module, blocks: Blocks = "all", counter: ByteCounter | None = None):
+    def __init__(self, model: nn.Module, blocks: Blocks = "all", counter: ByteCounter | None = None, exact_input: bool = False):
         self.model = model
+        self.input_role = EXACT_ROLE if exact_input else "block_input"
         paths = find_blocks(model)
         if not paths:
             raise ConfigError("checkpointing: no transformer blocks found in the model (a ModuleList of repeated layers); remove the checkpointing key")
@@ -98,6 +102,7 @@ class BlockCheckpointing:
             if "forward" in module.__dict__:
                 continue  # already patched on the instance by someone else
             module._slimfit_checkpointing = _Owner(self)
+            module._slimfit_input_role = self.input_role
             module.forward = bind_forward(module, _checkpointed_forward)
             self._wrapped.append(module)
         return self
@@ -106,6 +111,7 @@ class BlockCheckpointing:
         for module in self._wrapped:
             module.__dict__.pop("forward", None)
             module.__dict__.pop("_slimfit_checkpointing", None)
+            module.__dict__.pop("_slimfit_input_role", None)
         self._wrapped = []
 
 
@@ -136,7 +142,7 @@ def _checkpointed_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     kwargs = _without_cache(module, kwargs)
     if not x.requires_grad:  # nothing below trains: torch's checkpoint keeps x itself
         return checkpoint(original, *args, use_reentrant=False, **kwargs)
-    tag_role(x, "block_input")
+    tag_role(x, module._slimfit_input_role)
     kept = _KeepForRecompute.apply(x)
     node = kept.grad_fn
     box = [kept]

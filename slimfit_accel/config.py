@@ -80,13 +80,17 @@ class UnitsConfig(BaseModel):
 class CheckpointingConfig(BaseModel):
     """Which transformer blocks are recomputed in backward instead of keeping their activations.
 
-    ``blocks``: ``all``, the first N blocks (nearest the input), or a list of block indices.
-    A checkpointed block keeps only its input, compressed by the policy (role ``block_input``:
-    int8 by default; exact with ``compression: none``).
+    ``blocks``: ``all``, the first N blocks (nearest the input: their activations live longest,
+    and backward recomputes them last, when the others' are freed), or a list of block indices.
+    ``input``: what a checkpointed block keeps of its input: ``compressed`` (by the policy, role
+    ``block_input``: int8 by default; exact with ``compression: none``) or ``exact`` (as it is:
+    the recomputation then saves exactly what the forward would have, so gradients are the same
+    as without checkpointing; the decoder default ``sft.yaml`` checkpoints its first blocks so).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     blocks: Literal["all"] | int | list[int] = "all"
+    input: Literal["compressed", "exact"] = "compressed"
 
 
 class ChunkedLossConfig(BaseModel):

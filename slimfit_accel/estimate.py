@@ -891,9 +891,11 @@ def budget_ladder(setup: Setup) -> list[tuple[str, dict[str, Any]]]:
     Each rung keeps the previous one's settings: the base config as the recipe runs it (in bf16
     with paging: bf16 weights, fp32 masters on host, ``slimfit_default_config``); + optimizer
     paging; + fp32 masters on host (bf16); + every block checkpointed; + chunked loss (causal
-    LM); then freeze ratios 0.9 and 0.95, frozen weights in int8, freeze ratio 0.98, each with
-    all of the above. Rungs that cost time come after those that cost none (paging is
-    bit-identical and cheap; masters on host cost host memory), quality-changing rungs last."""
+    LM); + the optimizer step in backward (``BEST_STEP``: exact, but it refuses gradient
+    accumulation and clipping); then freeze ratios 0.9 and 0.95, frozen weights in int8, freeze
+    ratio 0.98, each with all of the above. Rungs that cost time come after those that cost none
+    (paging is bit-identical and cheap; masters on host cost host memory), quality-changing rungs
+    last."""
     base = slimfit_default_config(setup)
     rungs: list[tuple[str, dict[str, Any]]] = [("the base config", copy.deepcopy(base))]
     config = copy.deepcopy(base)
@@ -907,6 +909,8 @@ def budget_ladder(setup: Setup) -> list[tuple[str, dict[str, Any]]]:
     if setup.task == "causal-lm" and config.get("chunked_loss") not in (True, "auto"):
         config["chunked_loss"] = True
         rungs.append(("+ chunked loss", copy.deepcopy(config)))
+    config.update(BEST_STEP)
+    rungs.append(("+ optimizer step in backward", copy.deepcopy(config)))
     current = float((config.get("scheduler") or {}).get("freeze_ratio", 0.9))
     for ratio in (0.9, 0.95, 0.98):
         if ratio == 0.98 and config.get("frozen_weights") != "int8":

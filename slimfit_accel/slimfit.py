@@ -207,11 +207,19 @@ class SlimFit:
             paging = getattr(backend, "paging", None)
             if paging is not None:
                 paging.listeners.append(self.memory.optimizer_resident_changed)
-        if self.config.checkpointing is not None:
+        if self.config.checkpointing is not None and _transformers_checkpointing(self.model):
+            warnings.warn(
+                "SlimFit: the model has transformers' gradient checkpointing on, which already recomputes every "
+                "block; the config's checkpointing key is not applied (else blocks would be recomputed twice). "
+                "Remove one of the two to silence this.",
+                stacklevel=2,
+            )
+        elif self.config.checkpointing is not None:
             # recomputed tensors count as live activations of the meter's engine while alive
             meter_engine = self.memory.engine if self.memory is not None else None
             counter = meter_engine._counter if meter_engine is not None else None  # noqa: SLF001
-            self.checkpointing = BlockCheckpointing(self.model, self.config.checkpointing.blocks, counter).attach()
+            self.checkpointing = BlockCheckpointing(self.model, self.config.checkpointing.blocks, counter,
+                                                    exact_input=self.config.checkpointing.input == "exact").attach()
             if isinstance(backend, InBackwardStepBackend):  # no finished gradient held through a recomputation
                 self.checkpointing.before_recompute.append(backend.flush)
         if accelerator is not None:
@@ -361,6 +369,11 @@ class SlimFit:
         if self.config.optimizer_step == "in_backward":
             return InBackwardStepBackend(torch_optimizer, self.units, paging=paging, ddp=ddp_of(accelerator, model))
         return TorchStepBackend(torch_optimizer, paging=paging)
+
+
+def _transformers_checkpointing(model: nn.Module) -> bool:
+    """Whether ``model`` has transformers' gradient checkpointing on (``gradient_checkpointing_enable``)."""
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
 
 
 def make_accelerator(gradient_accumulation_steps: int = 1, **kwargs: Any):

@@ -65,6 +65,26 @@ def test_checkpointing_with_compression_stays_close_and_stores_less():
     assert "recomputed" in mem.by_compressor and mem.by_compressor["int8"][1] * 3.5 < mem.by_compressor["int8"][0]
 
 
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_an_exact_block_input_is_kept_as_it_is(arch):
+    """``input: exact``: under compression the checkpointed blocks keep their input as it is (the
+    recomputation saves what it recomputes uncompressed either way), so their gradients come out
+    closer to the uncompressed run's than from an int8 input, for more stored bytes."""
+    reference, _, _, _ = one_step(arch, None)
+    exact, _, recomputed, exact_mem = one_step(arch, {"blocks": "all", "input": "exact"}, compression="slimfit")
+    rounded, _, _, rounded_mem = one_step(arch, {"blocks": "all"}, compression="slimfit")
+    assert recomputed > 0 and reference.keys() == exact.keys() == rounded.keys()
+
+    def error(grads):
+        return sum(float((grads[n] - g).norm() ** 2) for n, g in reference.items())
+
+    assert 0 < error(exact) < error(rounded)
+    # the block inputs: kept as they are (counted with the exact tensors, "-"), not as int8
+    exact_int8, rounded_int8 = exact_mem.by_compressor.get("int8", [0, 0])[0], rounded_mem.by_compressor["int8"][0]
+    assert exact_int8 < rounded_int8 and exact_mem.by_compressor["-"][0] - rounded_mem.by_compressor["-"][0] == rounded_int8 - exact_int8
+    assert exact_mem.peak.activations > rounded_mem.peak.activations
+
+
 def test_blocks_by_count_and_index():
     paths = [f"layer.{i}" for i in range(4)]
     assert select_blocks(paths, "all") == paths and select_blocks(paths, 2) == paths[:2]
@@ -144,3 +164,19 @@ def test_torch_save_and_load_of_an_attached_model(checkpointing):
     assert_same(logits_and_grads(loaded), logits_and_grads(fresh))
     slimfit.detach()
     assert not patched(model) and patched(loaded)
+
+
+def test_transformers_gradient_checkpointing_on_leaves_the_key_unapplied_with_a_warning():
+    """A model already checkpointed by transformers (TRL's ``gradient_checkpointing=True`` with the
+    decoder default, which checkpoints its first blocks) is not checkpointed twice."""
+    model = build("llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    slimfit = SlimFit.from_config({"scheduler": {"name": "ils", "freeze_ratio": 0.5}, "checkpointing": {"blocks": 1}})
+    model = slimfit.prepare_model(model)
+    model.train()
+    with pytest.warns(UserWarning, match="gradient checkpointing on.*not applied"):
+        slimfit.attach(None, model, torch.optim.SGD(model.parameters(), lr=0.01))
+    assert slimfit.checkpointing is None and not any(hasattr(m, "_slimfit_checkpointing") for m in model.modules())
+    with slimfit.step():
+        model(**batch("llama")).loss.backward()
+    slimfit.detach()
