@@ -16,7 +16,9 @@ for ``--task sft``: ILS with ``age_exponent: 1.5``, read when the run starts; th
 the runs made while it held ``age_exponent: 2`` are recorded as ``slimfit_age2``, the same
 definition, and those of ``slimfit_age15`` as ``slimfit_sft``; since sft.yaml took
 ``chunked_loss: auto``, the runs made before are recorded as ``slimfit_sft_standard_loss``, sft.yaml
-without that key) and ``slimfit_sft_best`` (``slimfit_best``'s settings on it),
+without that key; since it took ``checkpointing: {blocks: 3, input: exact}``, the runs made
+before are recorded as ``slimfit_sft_no_checkpointing``, sft.yaml without that key) and
+``slimfit_sft_best`` (``slimfit_best``'s settings on it),
 ``slimfit_sft_chunked`` (sft.yaml with ``chunked_loss: true``: what ``auto`` does on SmolLM2; the
 loss without the full logits, exact up to the order of sums); ``slimfit_default`` (the packaged
 ``slimfit_accel/configs/demo.yaml``, the classification default, which SFT used before); ``slimfit_rows`` (the default with ``units.row_chunks``: the tied embedding / LM head trains by
@@ -27,7 +29,7 @@ at freeze ratio 0.9, every block checkpointed, optimizer paging, SlimFit compres
 (the ``badam`` package, one block at a time) and ``galore`` (``galore-torch``, rank-128
 projected Adam state on the blocks' matrices); ``trl_slimfit`` / ``trl_full``: the same work
 through TRL's ``SFTTrainer`` (with / without ``SlimFitCallback`` and the default config), see
-``run_trl`` (``trl_slimfit_sft``: with ``sft.yaml``). Diagnostics of the speech task's gap (one
+``run_trl`` (``trl_slimfit_sft``: with ``sft.yaml`` as it was before the chunked loss and checkpointing). Diagnostics of the speech task's gap (one
 setting changed each): ``slimfit_normlr`` (norm scales at the base rate), ``slimfit_age1`` /
 ``slimfit_age15`` / ``slimfit_age2`` / ``slimfit_age4`` (ILS ``age_exponent``), ``slimfit_fr07_noembed`` (freeze
 ratio 0.7 with the tied embedding frozen by the user), ``full_noembed`` (full fine-tuning with
@@ -82,7 +84,7 @@ TASKS: dict[str, dict[str, Any]] = {
     "speech_continuation": {"train_rows": 384, "test_rows": 400, "generate": 0, "eval_loss_rows": 400, "max_length": 128, "epochs": 1},
 }
 #: The lr a run takes when --lr is not given (peers: the middle of their sweep).
-DEFAULT_LR = {"full": 3e-5, "slimfit_default": 3e-5, "slimfit_rows": 3e-5, "slimfit_best": 3e-5, "slimfit_nocomp": 3e-5, "slimfit_unscaled": 3e-5, "slimfit_scale5": 3e-5, "slimfit_int8": 3e-5, "slimfit_sft": 3e-5, "slimfit_sft_chunked": 3e-5, "slimfit_sft_best": 3e-5, "slimfit_normlr": 3e-4, "slimfit_age1": 3e-4, "slimfit_age15": 3e-4, "slimfit_age2": 3e-4, "slimfit_age4": 3e-4, "slimfit_fr07_noembed": 3e-4, "full_noembed": 3e-4, "slimfit_fr07": 3e-4, "slimfit_fr06": 3e-4, "lisa": 3e-5, "lora": 3e-4, "badam": 3e-5, "galore": 1e-4,
+DEFAULT_LR = {"full": 3e-5, "slimfit_default": 3e-5, "slimfit_rows": 3e-5, "slimfit_best": 3e-5, "slimfit_nocomp": 3e-5, "slimfit_unscaled": 3e-5, "slimfit_scale5": 3e-5, "slimfit_int8": 3e-5, "slimfit_sft": 3e-5, "slimfit_sft_no_checkpointing": 3e-5, "slimfit_sft_chunked": 3e-5, "slimfit_sft_best": 3e-5, "slimfit_normlr": 3e-4, "slimfit_age1": 3e-4, "slimfit_age15": 3e-4, "slimfit_age2": 3e-4, "slimfit_age4": 3e-4, "slimfit_fr07_noembed": 3e-4, "full_noembed": 3e-4, "slimfit_fr07": 3e-4, "slimfit_fr06": 3e-4, "lisa": 3e-5, "lora": 3e-4, "badam": 3e-5, "galore": 1e-4,
               "trl_full": 3e-5, "trl_slimfit": 3e-5, "trl_slimfit_sft": 2.2e-4, "trl_slimfit_nocomp": 3e-4, "trl_slimfit_topexact": 3e-4}
 LORA_RANK, GALORE_RANK, BEST_FREEZE_RATIO = 8, 128, 0.9
 
@@ -105,9 +107,11 @@ def arms() -> dict[str, dict[str, Any]]:
     default = default_config()
     best = best_config(default)
     sft = default_config("sft.yaml")  # the recipe's default for --task sft
-    # sft.yaml before it took chunked_loss: auto (the records of slimfit_sft_standard_loss, and of
-    # slimfit_sft up to then, were made with it)
-    sft_standard = {key: value for key, value in sft.items() if key != "chunked_loss"}
+    # sft.yaml before it took checkpointing (its first blocks recomputed from their exact input):
+    # the records of slimfit_sft_no_checkpointing, and of slimfit_sft up to then, were made with it
+    sft_plain = {key: value for key, value in sft.items() if key != "checkpointing"}
+    # ... and before it took chunked_loss: auto (slimfit_sft_standard_loss, and slimfit_sft up to then)
+    sft_standard = {key: value for key, value in sft_plain.items() if key != "chunked_loss"}
     # the default with the tied embedding / LM head trainable by row ranges (the decoder-default question)
     rows = json.loads(json.dumps(default))
     rows["units"] = {**rows.get("units", {}), "row_chunks": True}
@@ -156,6 +160,8 @@ def arms() -> dict[str, dict[str, Any]]:
         "trl_slimfit_topexact": {"kind": "trl", "slimfit": top_exact, "data_order": "recipe"},
         "slimfit_default": {"kind": "slimfit", "slimfit": default},
         "slimfit_sft": {"kind": "slimfit", "slimfit": sft},
+        # the SFT default before its first blocks were checkpointed
+        "slimfit_sft_no_checkpointing": {"kind": "slimfit", "slimfit": sft_plain},
         # the SFT default with the standard loss (int8 log-probabilities), as it was measured first
         "slimfit_sft_standard_loss": {"kind": "slimfit", "slimfit": sft_standard},
         # ... and with the chunked loss (what chunked_loss: auto does on SmolLM2; exact, no logits kept)
