@@ -21,6 +21,10 @@ def test_overhead_sections_per_arm(tmp_path):
     assert sections["full"] == set() and arms["full"]["own_s"]["median"] == 0
     assert {"freeze_decision", "scorer", "compression", "paging"} <= sections["slimfit_meter_off"]
     assert "meter" not in sections["slimfit_meter_off"] and "meter" in sections["slimfit_meter_on"]
+    # the default checkpoints its first blocks: their recomputation is timed apart, not as SlimFit's own
+    assert "recompute" in sections["slimfit_meter_off"] and "recompute" not in sections["machinery_only"]
+    default = arms["slimfit_meter_off"]
+    assert default["own_and_recompute_share_of_full_step"] > default["own_share_of_full_step"]
     assert "compression" not in sections["machinery_only"] and "paging" not in sections["machinery_only"]
     # compression none: no compression section; with the meter on, its counting engine is the meter's
     assert "compression" not in sections["slimfit_nocompression_meter_off"] | sections["slimfit_nocompression_meter_on"]
