@@ -6,8 +6,10 @@ ZeRO work). What the block keeps instead is its input, and that input goes throu
 compression engine like any saved tensor, tagged with role ``block_input`` (the default policy
 stores it as int8, one scale per row; with ``compression: none`` it is kept exactly), or with
 ``exact_input`` tagged ``EXACT_ROLE`` and kept as it is. The recomputation starts from that
-stored input: from an exact one it saves exactly what the forward would have (same RNG state,
-same autocast), so the gradients equal those without checkpointing.
+stored input: from an exact one it recomputes the forward's own values (same RNG state, same
+autocast). What the recomputation saves is kept uncompressed while the block's backward runs, so
+under compression a checkpointed block's gradients are more exact than without checkpointing
+(equal to them with ``compression: none``).
 
 SlimFit's frozen units need nothing special: they have ``requires_grad`` off during the step's
 forward and backward, so neither the forward graph nor the recomputation computes their weight

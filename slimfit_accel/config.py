@@ -84,8 +84,10 @@ class CheckpointingConfig(BaseModel):
     and backward recomputes them last, when the others' are freed), or a list of block indices.
     ``input``: what a checkpointed block keeps of its input: ``compressed`` (by the policy, role
     ``block_input``: int8 by default; exact with ``compression: none``) or ``exact`` (as it is:
-    the recomputation then saves exactly what the forward would have, so gradients are the same
-    as without checkpointing; the decoder default ``sft.yaml`` checkpoints its first blocks so).
+    the recomputation then computes the forward's own values; the decoder default ``sft.yaml``
+    checkpoints its first blocks so). What a recomputation saves is kept uncompressed while its
+    block's backward runs (it lives that long only), so from an exact input a checkpointed block's gradients are at
+    least as exact as without checkpointing.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
