@@ -77,6 +77,10 @@ class UnitsConfig(BaseModel):
         return None if value is False else value
 
 
+#: MiB of parameters the streamed optimizer step updates at once (``paging.DEFAULT_CHUNK_BYTES``).
+DEFAULT_PAGING_CHUNK_MIB = 32.0
+
+
 class CheckpointingConfig(BaseModel):
     """Which transformer blocks are recomputed in backward instead of keeping their activations.
 
@@ -204,7 +208,7 @@ class SlimFitConfig(BaseModel):
     )
     compression: Literal["slimfit", "reference", "none"] | CompressionPolicy = "slimfit"
     optimizer_paging: bool = False
-    paging_chunk_mib: float = Field(default=32.0, gt=0.0)
+    paging_chunk_mib: float = Field(default=DEFAULT_PAGING_CHUNK_MIB, gt=0.0)
     master_weights: Literal["host"] | None = None
     frozen_weights: Literal["full", "int8"] = "full"
     optimizer_step: Literal["after_backward", "in_backward"] = "after_backward"
@@ -247,7 +251,7 @@ class SlimFitConfig(BaseModel):
             raise ValueError(
                 "master_weights: host streams the masters with the optimizer state: set optimizer_paging: true"
             )
-        if "paging_chunk_mib" in self.model_fields_set and not self.optimizer_paging:
+        if self.paging_chunk_mib != DEFAULT_PAGING_CHUNK_MIB and not self.optimizer_paging:  # the default round-trips
             raise ValueError("paging_chunk_mib sizes the streamed optimizer step: set optimizer_paging: true, or remove it")
         if self.units.row_chunks is not None and not self.optimizer_paging:
             raise ValueError(

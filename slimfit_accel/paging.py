@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .config import DEFAULT_PAGING_CHUNK_MIB
 from .errors import IntegrationError
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ if TYPE_CHECKING:
 _PAGED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 #: Small parameters are stepped together up to this many bytes of parameters (fewer launches).
-DEFAULT_CHUNK_BYTES = 32 * 2**20
+DEFAULT_CHUNK_BYTES = int(DEFAULT_PAGING_CHUNK_MIB * 2**20)
 
 
 def is_paged(tensor: torch.Tensor) -> bool:

@@ -122,6 +122,7 @@ def test_paging_chunk_mib_sizes_the_chunks_and_needs_paging():
     assert_identical(run(config), small)
     with pytest.raises(ConfigError, match="paging_chunk_mib.*optimizer_paging: true"):
         SlimFit.from_config({**BASE, "paging_chunk_mib": 4})
+    SlimFit.from_config({**BASE, "paging_chunk_mib": 32})  # the default, as a dumped config holds it
     with pytest.raises(ConfigError, match="paging_chunk_mib"):
         SlimFit.from_config({**BASE, "optimizer_paging": True, "paging_chunk_mib": 0})
 
