@@ -9,9 +9,10 @@ on CUDA the unit expected next in backward order is prefetched on a side stream)
 own update runs on its parameters alone (the param groups narrowed to them, ``lr_scale`` held for
 the update), the state is paged out and the gradients are freed. A unit is stepped at the next
 gradient hook, before a checkpointed block is recomputed (``checkpointing.py``) or at the end of
-backward, so the memory meter's own hook has counted its last gradient first. ``optimizer.step()`` in the user's loop then only does the bookkeeping: units whose
-gradients never completed (a parameter unused in forward) are stepped, the scorer's ``after_step``
-runs unit by unit in the controller's order, counters advance.
+backward, so the memory meter's own hook has counted its last gradient first.
+``optimizer.step()`` in the user's loop then only does the bookkeeping: units whose gradients
+never completed (a parameter unused in forward) are stepped, the scorer's ``after_step`` runs
+unit by unit in the controller's order, counters advance.
 
 Under DDP (``accelerator.prepare``, or the Trainer's wrapper) a unit must be stepped with the
 gradient averaged over processes, which exists only once DDP has reduced the buckets holding it.
