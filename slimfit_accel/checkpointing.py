@@ -69,7 +69,10 @@ def select_blocks(paths: list[str], blocks: Blocks) -> list[str]:
     if blocks == "all":
         return list(paths)
     if isinstance(blocks, int):
-        return list(paths[: max(0, blocks)])
+        if blocks < 1:  # -1 meaning "the last block" would otherwise checkpoint nothing, silently
+            raise ConfigError(f"checkpointing.blocks: {blocks} is a count of blocks from the input (at least 1); "
+                              f"for blocks by index write a list, e.g. [{blocks}], or remove the checkpointing key")
+        return list(paths[:blocks])
     wrong = [i for i in blocks if not -len(paths) <= i < len(paths)]
     if wrong:
         raise ConfigError(f"checkpointing.blocks: indices {wrong} out of range; the model has {len(paths)} blocks (0..{len(paths) - 1})")

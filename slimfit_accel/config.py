@@ -98,6 +98,13 @@ class CheckpointingConfig(BaseModel):
     blocks: Literal["all"] | int | list[int] = "all"
     input: Literal["compressed", "exact"] = "compressed"
 
+    @field_validator("blocks")
+    @classmethod
+    def _count_is_positive(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 1:  # -1 meant as "the last block" would select none
+            raise ValueError(f"{value} is a count of blocks from the input (at least 1); for indices write a list, e.g. [{value}]")
+        return value
+
 
 class ChunkedLossConfig(BaseModel):
     """A causal LM's loss computed a chunk of tokens at a time (``chunked_loss.py``): the

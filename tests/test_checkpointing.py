@@ -91,6 +91,11 @@ def test_blocks_by_count_and_index():
     assert select_blocks(paths, [3, -4]) == ["layer.0", "layer.3"]
     with pytest.raises(ConfigError, match=r"out of range.*4 blocks"):
         select_blocks(paths, [4])
+    for count in (0, -1):  # a count, not an index: never an empty selection
+        with pytest.raises(ConfigError, match=rf"checkpointing.blocks: {count} is a count.*\[{count}\]"):
+            select_blocks(paths, count)
+        with pytest.raises(ConfigError, match=rf"checkpointing.blocks.*{count} is a count"):  # already when loaded
+            SlimFit.from_config({"checkpointing": {"blocks": count}})
 
 
 def attached_llama(checkpointing: bool = True) -> tuple[SlimFit, torch.nn.Module]:
