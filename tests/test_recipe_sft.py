@@ -159,6 +159,8 @@ def test_bf16_with_the_default_slimfit_config(assets, tmp_path):
     peak = written["memory"]["peak"]
     # both blocks of the tiny model are checkpointed (kept exact); the rest is compressed
     assert peak["activations_raw"] >= peak["activations"] > 0 and peak["optimizer_paged"] > 0
+    compressed = {name: raw_stored for name, raw_stored in written["memory"]["by_compressor"].items() if name in ("int8", "int4")}
+    assert compressed and all(stored < raw for raw, stored in compressed.values())
     # The next run in this process asks for Accelerate's default: it gets fp32, not the bf16 left behind.
     finetune.main(["--model", str(assets["llama"]), *files(assets), *SMALL, "--max-steps", "1", "--output-dir", str(tmp_path / "next")])
     assert summary(tmp_path / "next")["mixed_precision"] == "no"
