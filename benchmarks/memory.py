@@ -75,7 +75,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slimfit_accel import SlimFit  # noqa: E402
 from slimfit_accel.compression import CompressionEngine, CompressionPolicy, CompressorSpec  # noqa: E402
-from slimfit_accel.estimate import BEST_STEP, worst_case_total  # noqa: E402
+from slimfit_accel.estimate import BEST_PLACEMENT, BEST_STEP, worst_case_total  # noqa: E402
 from slimfit_accel.memory import MemoryMeter, format_bytes  # noqa: E402
 
 #: Import name -> (distribution, slimfit-accel extra that installs it), for the arms' requirements.
@@ -338,14 +338,15 @@ def arm_slimfit_default_ratio(args, device):
 
 def arm_slimfit_best(args, device):
     """The default config with ``--freeze-ratio``, every block checkpointed and optimizer paging with
-    the step in backward (``slimfit_accel.estimate.BEST_STEP``); for the Llama decoder also the
+    the step in backward (``slimfit_accel.estimate.BEST_STEP``), a never-trained input embedding on
+    host (``BEST_PLACEMENT``); for the Llama decoder also the
     chunked loss, and under ``--precision bf16`` fp32 masters on host."""
     return _slimfit_arm(args, device, _slimfit_best_config(args))
 
 
 def _slimfit_best_config(args) -> dict:
     config = _default_config_at_ratio(args)
-    config.update(checkpointing={"blocks": "all"}, optimizer_paging=True, compression="slimfit", **BEST_STEP)
+    config.update(checkpointing={"blocks": "all"}, optimizer_paging=True, compression="slimfit", **BEST_STEP, **BEST_PLACEMENT)
     if args.model == "llama":  # no logits kept, 256 tokens a chunk (as slimfit_accel.estimate's slimfit_best)
         config["chunked_loss"] = {"chunk_size": 256}
     if args.precision == "bf16":  # bf16 weights on the device, fp32 masters on host
@@ -442,7 +443,7 @@ def run_arm(name: str, args: argparse.Namespace, batch_size: int, device: torch.
             if index < drawn:
                 times.append(elapsed)
         print(f"  {name} batch {batch_size} step {index}: {elapsed:.1f} s, total {format_bytes(meter.last.total)}", flush=True)
-    peak = {key: max(getattr(m, key) for m in measured) for key in ("params", "grads", "optimizer", "activations", "activations_raw", "total", "optimizer_paged")}
+    peak = {key: max(getattr(m, key) for m in measured) for key in ("params", "grads", "optimizer", "activations", "activations_raw", "total", "optimizer_paged", "weights_host")}
     cuda_peaks = [m.peak_cuda for m in measured if m.peak_cuda is not None]
     # Steady state: every arm's optimizer state is measured as it is once training has gone on
     # (SlimFit arms start primed; the others hold all they ever hold after the warm-up step).
@@ -470,6 +471,7 @@ def run_arm(name: str, args: argparse.Namespace, batch_size: int, device: torch.
         "steady_state": {
             "optimizer_device_bytes": peak["optimizer"],  # peak resident (under paging: in the step)
             "optimizer_host_bytes": peak["optimizer_paged"],
+            "weights_host_bytes": peak["weights_host"],  # input_embedding: host
             "total_bytes": steady_total,
             "gradients_worst_case_extra_bytes": bound.gradients_extra if bound is not None else 0,
             "weights_worst_case_extra_bytes": bound.weights_extra if bound is not None else 0,  # frozen_weights: int8: more trained copies than measured

@@ -182,6 +182,13 @@ class SlimFitConfig(BaseModel):
     clipping, fp16 loss scaling or closures: each is refused with the reason. Composes with
     ``optimizer_paging`` and ``master_weights: host``.
 
+    ``input_embedding``: ``device`` (default) keeps the input embedding where the model is;
+    ``host`` keeps an input embedding the run never trains (frozen by the user, or a unit the
+    scheduler can never pick) in host memory, looks its rows up there and copies only those to the
+    device (exact; ``host_embedding.py``); refused, with the reason, for one the run trains, one
+    tied to the LM head, several processes, DeepSpeed or FSDP. ``auto``: ``host`` where it can
+    be, else on the device with one warning saying why.
+
     ``checkpointing``: frozen-aware activation checkpointing of transformer blocks (see
     ``CheckpointingConfig``); off when absent.
 
@@ -219,6 +226,7 @@ class SlimFitConfig(BaseModel):
     master_weights: Literal["host"] | None = None
     frozen_weights: Literal["full", "int8"] = "full"
     optimizer_step: Literal["after_backward", "in_backward"] = "after_backward"
+    input_embedding: Literal["device", "host", "auto"] = "device"
     checkpointing: CheckpointingConfig | None = None
     lr_scale: float = Field(default=1.0, gt=0.0, le=100.0)
     chunked_loss: ChunkedLossConfig | None = None

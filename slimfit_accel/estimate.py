@@ -390,6 +390,8 @@ def slimfit_arm(setup: Setup, config: dict[str, Any], note: str = "") -> Arm:
     from .chunked_loss import chunked_loss_enabled
 
     chunked = slimfit.config.chunked_loss.chunk_size if chunked_loss_enabled(model) else None  # auto may leave it off
+    if slimfit.host_embedding is not None:  # input_embedding: auto may leave it on the device
+        note += ", input embedding on host (never trained)"
     return Arm(model, optimizer, slimfit.memory, step=slimfit.step, cleanup=slimfit.detach, metered=True,
                slimfit=slimfit, autocast=setup.bf16, chunked=chunked, slimfit_config=config, note=note)
 
@@ -458,15 +460,21 @@ BEST_LOSS_CHUNK = {"chunk_size": 256}
 #: 128 MiB at the default 32). Exact (bit-identical to the step after backward).
 BEST_STEP = {"optimizer_step": "in_backward", "paging_chunk_mib": 4}
 
+#: Where the most memory-saving config keeps what a step never trains: an input embedding the
+#: run never trains (ILS's budget below its size, or frozen by the user) in host memory, only its
+#: looked-up rows on the device (exact; ``auto``: on the device where it cannot be, e.g. tied).
+BEST_PLACEMENT = {"input_embedding": "auto"}
+
 
 def slimfit_best_config(setup: Setup) -> dict[str, Any]:
     """The default config with ``freeze_ratio``, every block checkpointed, optimizer paging with
-    the step in backward (``BEST_STEP``), and for a causal LM the chunked loss; in bf16 the fp32
-    masters on host (bf16 weights on device)."""
+    the step in backward (``BEST_STEP``), a never-trained input embedding on host
+    (``BEST_PLACEMENT``), and for a causal LM the chunked loss; in bf16 the fp32 masters on host
+    (bf16 weights on device)."""
     config = setup.base_slimfit()
     scheduler = dict(config.get("scheduler") or {"name": "ils"})
     scheduler["freeze_ratio"] = setup.freeze_ratio
-    config.update(scheduler=scheduler, checkpointing={"blocks": "all"}, optimizer_paging=True, **BEST_STEP)
+    config.update(scheduler=scheduler, checkpointing={"blocks": "all"}, optimizer_paging=True, **BEST_STEP, **BEST_PLACEMENT)
     config.setdefault("compression", "slimfit")
     if setup.task == "causal-lm":
         config["chunked_loss"] = dict(BEST_LOSS_CHUNK)
@@ -517,6 +525,7 @@ class ArmEstimate:
     gradients: int
     optimizer: int  # on the device (under paging: the most the step holds)
     optimizer_host: int  # paged state and fp32 masters in host memory
+    weights_host: int  # weights kept in host memory (input_embedding: host)
     activations_stored: int
     activations_raw: int
     logits_and_loss: int  # of the stored activations, what the logits and the loss keep (by shape)
@@ -530,7 +539,7 @@ class ArmEstimate:
 
 CATEGORY_LABELS = {
     "weights": "weights", "gradients": "gradients (peak live)", "optimizer": "optimizer, device",
-    "optimizer_host": "optimizer+masters, host", "activations_raw": "saved act. raw",
+    "optimizer_host": "optimizer+masters, host", "weights_host": "weights, host", "activations_raw": "saved act. raw",
     "activations_stored": "saved act. stored", "logits_and_loss": "of which logits+loss",
     "meter_total": "meter total", "working_set": "working set*", "device_total": "device total",
 }
@@ -564,7 +573,7 @@ def run_arm(setup: Setup, name: str, builder: Callable[[Setup], Arm] | None = No
             if index >= 1:
                 measured.append(arm.meter.last)
         peak = {k: max(getattr(m, k) for m in measured) for k in
-                ("params", "grads", "optimizer", "activations", "activations_raw", "total", "optimizer_paged", "master_paged")}
+                ("params", "grads", "optimizer", "activations", "activations_raw", "total", "optimizer_paged", "master_paged", "weights_host")}
         total = peak["total"]
         if arm.slimfit is not None:
             bound = worst_case_total(arm.slimfit, arm.optimizer, peak, cuda=setup.device == "cuda")
@@ -576,6 +585,7 @@ def run_arm(setup: Setup, name: str, builder: Callable[[Setup], Arm] | None = No
         result = ArmEstimate(
             name=name, method="fake-tensor run", note=arm.note, weights=peak["params"], gradients=peak["grads"],
             optimizer=peak["optimizer"], optimizer_host=peak["optimizer_paged"] + peak["master_paged"],
+            weights_host=peak["weights_host"],
             activations_stored=peak["activations"], activations_raw=peak["activations_raw"],
             logits_and_loss=logits_and_loss(setup, arm), meter_total=total, working_set=working,
             device_total=total + working, trainable=trainable, slimfit_config=arm.slimfit_config,
@@ -892,7 +902,8 @@ def budget_ladder(setup: Setup) -> list[tuple[str, dict[str, Any]]]:
     with paging: bf16 weights, fp32 masters on host, ``slimfit_default_config``); + optimizer
     paging; + fp32 masters on host (bf16); + every block checkpointed; + chunked loss (causal
     LM); + the optimizer step in backward (``BEST_STEP``: exact, but it refuses gradient
-    accumulation and clipping); then freeze ratios 0.9 and 0.95, frozen weights in int8, freeze
+    accumulation and clipping) with a never-trained input embedding on host (``BEST_PLACEMENT``,
+    exact: it applies once a freeze ratio leaves the embedding untrained); then freeze ratios 0.9 and 0.95, frozen weights in int8, freeze
     ratio 0.98, each with all of the above. Rungs that cost time come after those that cost none
     (paging is bit-identical and cheap; masters on host cost host memory), quality-changing rungs
     last."""
@@ -909,8 +920,8 @@ def budget_ladder(setup: Setup) -> list[tuple[str, dict[str, Any]]]:
     if setup.task == "causal-lm" and config.get("chunked_loss") not in (True, "auto"):
         config["chunked_loss"] = True
         rungs.append(("+ chunked loss", copy.deepcopy(config)))
-    config.update(BEST_STEP)
-    rungs.append(("+ optimizer step in backward", copy.deepcopy(config)))
+    config.update(BEST_STEP, **BEST_PLACEMENT)  # input_embedding: auto acts once a ratio leaves the embedding untrained
+    rungs.append(("+ optimizer step in backward, input_embedding: auto", copy.deepcopy(config)))
     current = float((config.get("scheduler") or {}).get("freeze_ratio", 0.9))
     for ratio in (0.9, 0.95, 0.98):
         if ratio == 0.98 and config.get("frozen_weights") != "int8":

@@ -64,6 +64,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .compression.swaps import bind_forward
 from .errors import IntegrationError
+from .host_embedding import is_on_host
 
 if TYPE_CHECKING:
     from .master_weights import Master, MasterWeights
@@ -319,6 +320,8 @@ class FrozenInt8:
         for unit in units.schedulable:
             for param in unit.params:
                 if id(param) in seen or id(param) in always or param.dim() != 2 or not param.is_floating_point():
+                    continue
+                if is_on_host(param):  # input_embedding: host: nothing of it on the device to shrink
                     continue
                 seen.add(id(param))
                 name = names.get(id(param), unit.name)

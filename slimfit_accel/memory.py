@@ -21,6 +21,8 @@ so it means the same on CPU, CUDA or anything else:
 - ``master_paged``: fp32 master weights kept in host memory (``master_weights: host``); not in
   ``total``, like ``optimizer_paged``. Parameters are then the bf16 device weights; the masters
   and fp32 gradients of the chunk being stepped count in ``optimizer`` while on the device.
+- ``weights_host``: parameters kept in host memory (``input_embedding: host``); not in
+  ``total``, like ``optimizer_paged``, and not in ``params``.
 - ``activations``: tensors autograd saves for backward, from a ``CompressionEngine``'s byte
   counters: ``activations_raw`` is what autograd would keep, ``activations`` what is kept (after
   compression). Without an engine of its own to read, the meter installs one that compresses
@@ -67,6 +69,7 @@ from .compression.engine import CompressionEngine
 from .compression.policy import CompressionPolicy
 from .integrations.fsdp import is_dtensor, local_shard
 from .frozen_int8 import device_tensors as int8_device_tensors
+from .host_embedding import is_on_host
 from .paging import is_paged
 
 CATEGORIES = ("params", "grads", "optimizer", "activations", "activations_raw", "total")
@@ -95,10 +98,13 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
 
 
 def parameter_bytes(model: nn.Module) -> int:
-    """Bytes of ``model``'s parameters on this rank; shared storage and tied weights once."""
+    """Bytes of ``model``'s parameters on this rank's device; shared storage and tied weights once
+    (parameters ``input_embedding: host`` keeps in host memory are not on the device)."""
     seen: set[tuple[int, int]] = set()
     total = 0
     for param in model.parameters():
+        if is_on_host(param):
+            continue
         tensor = getattr(param, "ds_tensor", None)  # ZeRO-3: the local partition
         tensor = tensor if isinstance(tensor, torch.Tensor) else param
         for held in int8_device_tensors(param) or [tensor]:  # frozen_weights: int8: codes and scales
@@ -200,6 +206,7 @@ class StepMemory:
     time_s: float = 0.0
     optimizer_paged: int = 0
     master_paged: int = 0
+    weights_host: int = 0
     optimizer_step: int | None = None  # the training step it belongs to, when the owner says
 
     @property
@@ -251,7 +258,8 @@ def rank_scope(optimizer: Any = None) -> RankScope:
     return scope
 
 
-_SUMMED = ("params", "grads", "optimizer", "activations", "activations_raw", "total", "optimizer_paged", "master_paged")
+_SUMMED = ("params", "grads", "optimizer", "activations", "activations_raw", "total", "optimizer_paged", "master_paged",
+           "weights_host")
 
 
 @dataclass
@@ -306,6 +314,7 @@ class MemoryReport:
             (optimizer_label, "optimizer"),
             *([("optimizer state, paged to host", "optimizer_paged")] if self.peak.optimizer_paged else []),
             *([("fp32 master weights, on host", "master_paged")] if masters else []),
+            *([("input embedding, on host", "weights_host")] if self.peak.weights_host else []),
             ("saved activations, raw (peak live)", "activations_raw"),
             ("saved activations, stored (peak live)", "activations"),
             ("total (peak of the sum)", "total"),
@@ -380,7 +389,8 @@ class MemoryMeter:
     ``slimfit.compression``); whoever owns it enters its ``step()``. Without one, the meter makes
     a counting engine (no compression, stock LayerNorm) and enters it in ``step()`` itself; pass
     ``count_activations=False`` to count no activations at all. ``masters``: the fp32 master
-    weights kept on host (``master_weights: host``), reported as ``master_paged``. ``every``:
+    weights kept on host (``master_weights: host``), reported as ``master_paged``. ``host_weights``:
+    what keeps parameters in host memory (``HostEmbedding``), reported as ``weights_host``. ``every``:
     the owner enters ``step()`` only every N-th training step; with N > 1 the meter's hooks
     exist only inside ``step()`` (see "Sampling" in the module docstring).
     """
@@ -394,12 +404,14 @@ class MemoryMeter:
         count_activations: bool = True,
         masters: Any = None,
         every: int = 1,
+        host_weights: Any = None,
     ):
         if every < 1:
             raise ValueError(f"MemoryMeter(every={every}): measure every N-th step with N >= 1")
         self.model = model
         self.optimizer = optimizer
         self.masters = masters
+        self.host_weights = host_weights
         self.every = every
         self._sampled = every > 1
         self._own_engine = engine is None and count_activations
@@ -468,9 +480,10 @@ class MemoryMeter:
         self._extra_grads = 0
         self._grads.watch(self.model.parameters())
         masters = self.masters.host_bytes() if self.masters is not None else 0
+        host = self.host_weights.host_bytes() if self.host_weights is not None else 0
         current = self._current = StepMemory(
             step=self._steps, params=self._params, optimizer=self._optimizer, optimizer_paged=paged, master_paged=masters,
-            optimizer_step=optimizer_step,
+            weights_host=host, optimizer_step=optimizer_step,
         )
         self._update()
         start = time.perf_counter()
@@ -571,7 +584,8 @@ class MemoryMeter:
 
     def _device(self) -> torch.device | None:
         for param in self.model.parameters():
-            return param.device
+            if not is_on_host(param):
+                return param.device
         return None
 
 

@@ -35,6 +35,8 @@ from .controller import FreezeController
 from .errors import IntegrationError
 from .frozen_int8 import FrozenInt8
 from .frozen_int8 import refuse_unsupported as refuse_int8_under
+from .host_embedding import HostEmbedding, why_not_on_host
+from .host_embedding import refuse as refuse_host_embedding
 from .integrations.fsdp import FSDP1_REFUSAL, FSDP2StepBackend, fsdp_version, init_fsdp2, rebind_units
 from .master_weights import MasterWeights, check_precision, hand_over_to_deepspeed
 from .memory import MemoryMeter, gather_ranks
@@ -66,6 +68,7 @@ class SlimFit:
         self.master_weights: MasterWeights | None = None
         self.checkpointing: BlockCheckpointing | None = None
         self.frozen_int8: FrozenInt8 | None = None
+        self.host_embedding: HostEmbedding | None = None
         self.model: nn.Module | None = None
         self.units: UnitSet | None = None
         self._trainable: dict[int, int] = {}
@@ -175,6 +178,12 @@ class SlimFit:
         sharding = fsdp_version(accelerator, model)
         if self.config.frozen_weights == "int8":
             refuse_int8_under(accelerator, sharding)
+        placement = self.config.input_embedding
+        off_device = None if placement == "device" else why_not_on_host(self.model, self.units, never, accelerator)
+        if placement == "host" and off_device is not None:
+            raise refuse_host_embedding(off_device)
+        if placement == "auto" and off_device is not None:
+            warnings.warn(f"SlimFit: input_embedding: auto leaves the input embedding on the device: {off_device}", stacklevel=2)
         if self.config.optimizer_step == "in_backward":
             refuse_unsupported(accelerator, model, sharding, getattr(self.config.units, "row_chunks", None) is not None)
         if sharding == 1:
@@ -193,6 +202,8 @@ class SlimFit:
             lr_scale=self.config.lr_scale, rows=rows,
         )
         self.controller.bind(backend)
+        if placement != "device" and off_device is None:  # before int8 storage: a host weight is not stored
+            self.host_embedding = HostEmbedding.attach(self.model)
         if self.config.frozen_weights == "int8":  # after bind: its step post-hook runs after the backend's
             self.frozen_int8 = FrozenInt8.attach(self.model, self.units, masters=self.master_weights,
                                                  optimizer=getattr(optimizer, "optimizer", optimizer))
@@ -203,7 +214,8 @@ class SlimFit:
         # sampled (memory_meter: {every: N}) its hooks exist only in the steps it measures.
         every = self.config.meter_every
         if every:
-            self.memory = MemoryMeter(self.model, optimizer, engine=self.compression, masters=self.master_weights, every=every)
+            self.memory = MemoryMeter(self.model, optimizer, engine=self.compression, masters=self.master_weights,
+                                      every=every, host_weights=self.host_embedding)
             paging = getattr(backend, "paging", None)
             if paging is not None:
                 paging.listeners.append(self.memory.optimizer_resident_changed)
@@ -283,6 +295,9 @@ class SlimFit:
         if self.frozen_int8 is not None:  # every weight in full precision again, from its master
             self.frozen_int8.detach()
             self.frozen_int8 = None
+        if self.host_embedding is not None:  # back on the device with the rest of the model
+            self.host_embedding.detach()
+            self.host_embedding = None
         if self.controller is not None:
             self.controller.unbind()  # with master_weights: the parameters are their fp32 masters again
             self.master_weights = None
