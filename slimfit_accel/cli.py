@@ -114,7 +114,8 @@ def _estimate(args: argparse.Namespace) -> int:
             print(f"fits {planner.format_gib(budget)}: {choice.rung} -> {planner.format_gib(choice.estimate.device_total)} "
                   f"+ {planner.format_gib(planner.CUDA_RESERVE)} CUDA context")
             print("rule: the first config of the ladder (base, as the recipe runs it; + optimizer paging; + fp32 masters on "
-                  "host; + every block checkpointed; + chunked loss; + optimizer step in backward; + freeze_ratio 0.9/0.95; + "
+                  "host; + every block checkpointed; + chunked loss, 256 tokens a chunk; + optimizer step in backward, "
+                  "input_embedding: auto; + freeze_ratio 0.9/0.95; + "
                   "frozen weights in int8; + freeze_ratio 0.98) whose estimated device total fits")
             import yaml
 

@@ -900,8 +900,8 @@ def budget_ladder(setup: Setup) -> list[tuple[str, dict[str, Any]]]:
 
     Each rung keeps the previous one's settings: the base config as the recipe runs it (in bf16
     with paging: bf16 weights, fp32 masters on host, ``slimfit_default_config``); + optimizer
-    paging; + fp32 masters on host (bf16); + every block checkpointed; + chunked loss (causal
-    LM); + the optimizer step in backward (``BEST_STEP``: exact, but it refuses gradient
+    paging; + fp32 masters on host (bf16); + every block checkpointed; + the chunked loss at 256
+    tokens a chunk (causal LM; ``BEST_LOSS_CHUNK``, unless the config's chunks are no larger); + the optimizer step in backward (``BEST_STEP``: exact, but it refuses gradient
     accumulation and clipping) with a never-trained input embedding on host (``BEST_PLACEMENT``,
     exact: it applies once a freeze ratio leaves the embedding untrained); then freeze ratios 0.9 and 0.95, frozen weights in int8, freeze
     ratio 0.98, each with all of the above. Rungs that cost time come after those that cost none
@@ -917,9 +917,11 @@ def budget_ladder(setup: Setup) -> list[tuple[str, dict[str, Any]]]:
         rungs.append(("+ bf16 weights, fp32 masters on host", copy.deepcopy(config)))
     config["checkpointing"] = {"blocks": "all"}
     rungs.append(("+ every block checkpointed", copy.deepcopy(config)))
-    if setup.task == "causal-lm" and config.get("chunked_loss") not in (True, "auto"):
-        config["chunked_loss"] = True
-        rungs.append(("+ chunked loss", copy.deepcopy(config)))
+    if setup.task == "causal-lm" and _loss_chunk(config.get("chunked_loss")) > BEST_LOSS_CHUNK["chunk_size"]:
+        # exact at any size; a quarter of the default chunk's logits (at 8B, 2 x 2048: 0.24 vs 0.98 GiB)
+        keeps_standard = config.get("chunked_loss") == "auto" or (isinstance(config.get("chunked_loss"), dict) and config["chunked_loss"].get("fallback") == "standard")
+        config["chunked_loss"] = {**BEST_LOSS_CHUNK, **({"fallback": "standard"} if keeps_standard else {})}
+        rungs.append((f"+ chunked loss, {BEST_LOSS_CHUNK['chunk_size']} tokens a chunk", copy.deepcopy(config)))
     config.update(BEST_STEP, **BEST_PLACEMENT)  # input_embedding: auto acts once a ratio leaves the embedding untrained
     rungs.append(("+ optimizer step in backward, input_embedding: auto", copy.deepcopy(config)))
     current = float((config.get("scheduler") or {}).get("freeze_ratio", 0.9))
@@ -937,6 +939,14 @@ def budget_ladder(setup: Setup) -> list[tuple[str, dict[str, Any]]]:
         if not unique or config != unique[-1][1]:
             unique.append((rung, config))
     return unique
+
+
+def _loss_chunk(setting: Any) -> float:
+    """Tokens a chunk of the loss ``setting`` computes at once (infinite for the standard loss)."""
+    from .config import load_config
+
+    chunked = load_config({"chunked_loss": setting}).chunked_loss if setting not in (None, False) else None
+    return math.inf if chunked is None else chunked.chunk_size
 
 
 @dataclass

@@ -14,7 +14,7 @@ from slimfit_accel import SlimFit
 from slimfit_accel import estimate as planner
 from slimfit_accel.cli import main
 
-CHECKED = ("weights", "optimizer", "optimizer_host", "meter_total")
+CHECKED = ("weights", "optimizer", "optimizer_host", "weights_host", "meter_total")
 # Saved activations depend on the units a step trains; once a tiny model has trained every unit that
 # fits, the scheduler refills the budget by real score values, which fake tensors do not have, so
 # the per-category activations may differ there while the steady total (bounded by the budget) agrees.
@@ -62,6 +62,21 @@ def test_estimate_equals_the_meter_on_a_real_fp32_bert_run(bert_dir, arm):
     fake, real = _fake_and_real(setup, arm)
     for key in CHECKED:
         assert getattr(fake, key) == pytest.approx(getattr(real, key), rel=0.03), key
+    # best's input_embedding: auto: the word embeddings (99 x 32) exceed ILS's budget at 0.9, so on host
+    assert (real.weights_host == 99 * 32 * 4) == (arm == "slimfit_best")
+
+
+def test_the_ladder_chunks_the_loss_by_256_tokens_and_places_a_never_trained_embedding_on_host(llama_dir):
+    setup = planner.Setup(llama_dir, seq_len=32, batch=2, precision="bf16").load()
+    ladder = dict(planner.budget_ladder(setup))
+    chunked = ladder["+ chunked loss, 256 tokens a chunk"]  # sft.yaml's auto (1024 tokens) made smaller, still auto
+    assert chunked["chunked_loss"] == {"chunk_size": 256, "fallback": "standard"}
+    stepped = ladder["+ optimizer step in backward, input_embedding: auto"]
+    assert stepped["input_embedding"] == "auto" and stepped["optimizer_step"] == "in_backward"
+    assert all(config["input_embedding"] == "auto" for config in list(ladder.values())[list(ladder).index(
+        "+ optimizer step in backward, input_embedding: auto"):])
+    small = dict(planner.budget_ladder(dataclasses.replace(setup, slimfit_config={"chunked_loss": {"chunk_size": 128}})))
+    assert not any(rung.startswith("+ chunked loss") for rung in small)  # chunks no larger already: no rung
 
 
 def test_budget_writes_a_config_that_slimfit_loads_and_that_fits(llama_dir, tmp_path, capsys):
