@@ -94,6 +94,34 @@ def test_log_probabilities_bit_identical(dtype, torch_code):
     _assert_identical(Int8Scaled(log_domain=True), flat, torch_code)
 
 
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw bytes (``torch.equal`` calls -0.0 and 0.0 equal; these do not)."""
+    return tensor.contiguous().view(torch.uint8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("compressor", [Int8Scaled(), Int4Scaled()], ids=repr)
+def test_edge_values_bit_identical(compressor, dtype, torch_code):
+    """The kernels' scale is the largest |x| taken on the bits (an integer max): rows of signed
+    zeros, denormals (whose scale rounds, so int4 codes reach the clamp), the largest floats and
+    exact halves give the torch code's bytes."""
+    generator = torch.Generator().manual_seed(7)
+    rows = [
+        torch.zeros(48), torch.full((48,), -0.0), torch.randn(48, generator=generator).sign() * 0.0,
+        torch.randint(-11, 12, (48,), generator=generator).float() * 1.401298464324817e-45,  # denormals
+        torch.tensor([10 * 1.401298464324817e-45] + [0.0] * 47),  # scale 1 ulp after rounding: code 10, clamped
+        (torch.rand(48, generator=generator) * 2 - 1) * 3.0e38,  # near the largest floats (bfloat16's too)
+        (torch.randn(48, generator=generator) * 8).round() / 2,  # exact halves: ties to even
+        torch.cat([torch.tensor([-7.0, 7.0]), torch.randn(46, generator=generator)]),
+    ]
+    x = torch.stack(rows).to(dtype)
+    fused, fused_out, reference, reference_out = _pack_both(compressor, x, torch_code)
+    for field, a, b in zip(fused._fields, fused, reference):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(_bits(a), _bits(b)), f"{compressor}: packed field {field} differs"
+    assert torch.equal(_bits(fused_out), _bits(reference_out))
+
+
 @pytest.mark.parametrize("compressor", [Int8Scaled(), Int4Scaled(), Int8Scaled(log_domain=True)], ids=repr)
 def test_split_over_threads_bit_identical(compressor, torch_code, monkeypatch):
     monkeypatch.setattr(native, "PARALLEL_MIN_NUMEL", 1)
