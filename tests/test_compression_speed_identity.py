@@ -241,6 +241,14 @@ def bitmask_inputs():
     yield "negative-zero", torch.tensor([[0.0, -0.0, 2.0], [2.0, 0.0, -0.0]]).t()
     yield "nan", torch.tensor([[0.0, float("nan"), 1.0]] * 3).t()
     yield "scalar", torch.tensor(1.5)
+    # the first-row rejection: rows of one sign, of one value, of zeros, with infinities
+    yield "positive-values", torch.rand(4, 300, generator=gen) + 0.5  # a log-sum-exp: no zeros, many values
+    yield "negative-mask", (torch.rand(5, 64, generator=gen) > 0.5).float() * -2.0
+    yield "constant", torch.full((3, 7), 0.75)
+    yield "constant-first-row", torch.cat([torch.full((1, 7), 0.75), torch.rand(2, 7, generator=gen) + 1])
+    yield "zero-first-row", torch.cat([torch.zeros(1, 6), torch.randn(3, 6, generator=gen)])
+    yield "infinities", torch.tensor([[float("-inf"), 0.0, float("inf")], [1.0, 1.0, 1.0]])
+    yield "infinity-mask", torch.tensor([[float("inf"), 0.0, float("inf")], [0.0, 0.0, float("inf")]])
     yield "empty", torch.zeros(0, 3)
     yield "integer", torch.arange(12).reshape(3, 4)
 

@@ -36,6 +36,19 @@ def _leading(tensor: torch.Tensor, count: int) -> torch.Tensor:
     return tensor.reshape(-1)[:count]
 
 
+def _first_row_rejects(tensor: torch.Tensor) -> bool:
+    """Whether the first row (a view, nothing copied) holds two different non-zero values, so
+    ``tensor`` is no 0/c mask: its minimum and maximum in one reduction (about five times cheaper
+    than the probe's five ops on attention operands and statistics, which it settles). A minimum
+    below zero and a maximum above it are two such values, and so are two different bounds of
+    one sign without zeros. NaN (every comparison false) or zeros beside values of one sign (a
+    dropout mask's row) say nothing: the probe and the full check decide, as before, so the
+    result is the same either way."""
+    row = tensor[(0,) * (tensor.dim() - 1)] if tensor.dim() > 1 else tensor
+    low, high = (bound.item() for bound in torch.aminmax(row))
+    return low < 0 < high or ((low > 0 or high < 0) and low != high)
+
+
 class BitmaskPacked(NamedTuple):
     bits: torch.Tensor  # uint8, 8 entries a byte (zero-padded at the end)
     value: torch.Tensor  # the one non-zero value c, in the original dtype
@@ -73,10 +86,12 @@ class Bitmask:
             flat = tensor.detach().reshape(-1)
             nonzero, value = flat, torch.ones((), dtype=torch.bool, device=flat.device)
         else:
-            # Cheap rejection first: most tensors offered here are not masks, and a few
-            # thousand elements tell (two distinct non-zero values there settle it). The probe
-            # copies only those elements of a strided tensor (attention's transposed operands),
-            # not the whole tensor.
+            # Cheap rejection first: most tensors offered here are not masks. The first row
+            # usually tells in one reduction; else a few thousand elements (two distinct non-zero
+            # values there settle it). The probe copies only those elements of a strided tensor
+            # (attention's transposed operands), not the whole tensor.
+            if _first_row_rejects(tensor.detach()):
+                return None
             head = _leading(tensor.detach(), _PROBE)
             head_nonzero = head[head != 0]
             if head_nonzero.numel() and not bool((head_nonzero == head_nonzero[0]).all()):
