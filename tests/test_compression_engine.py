@@ -215,6 +215,76 @@ def test_a_tensor_saved_twice_is_packed_once():
     assert len(inputs) == 2  # Q, K and V read the same LayerNorm output: one pack per layer
 
 
+class _QKV(nn.Module):
+    """Three Linears reading one input (attention's Q, K, V) and a rotary-like factor that every
+    one multiplies: each saved tensor has three saves."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(width, width) for _ in range(3))
+        self.register_buffer("cos", torch.randn(width))
+
+    def forward(self, x):
+        x = x * 1.5
+        return sum((layer(x) * self.cos).sum() for layer in (self.q, self.k, self.v))
+
+
+@pytest.mark.parametrize("rows", [4, 600], ids=["small", "large"])  # 600 x 512 floats: above KEEP_UNPACKED_BYTES
+def test_a_tensor_saved_thrice_is_decompressed_once_with_the_same_gradients(rows, monkeypatch):
+    from slimfit_accel.compression import engine as engine_module
+
+    torch.manual_seed(0)
+    model, x = _QKV(512), torch.randn(rows, 512, requires_grad=True)
+    policy = CompressionPolicy(rules=[Rule(compressor={"name": "int8"})], min_numel=0, min_ndim=1)
+    unpacks = []
+    unpack = Int8Scaled.unpack
+    monkeypatch.setattr(Int8Scaled, "unpack", lambda self, packed: unpacks.append(packed.shape) or unpack(self, packed))
+
+    def grads():
+        unpacks.clear()
+        model.zero_grad()
+        x.grad = None
+        with compressed_activations(model, policy, compressors=FACTORIES):
+            loss = model(x)
+        loss.backward()
+        return [x.grad.clone()] + [p.grad.clone() for p in model.parameters()], list(unpacks)
+
+    reused, once = grads()
+    # the input, read by the three weight gradients, and the factor, by the three input gradients
+    assert once.count(torch.Size([rows, 512])) == 1 and once.count(torch.Size([512])) == 1
+    original = engine_module._Saved.__init__
+    monkeypatch.setattr(engine_module._Saved, "__init__", lambda self, *a, reuse=False, **k: original(self, *a, reuse=False, **k))
+    each, every = grads()
+    assert every.count(torch.Size([rows, 512])) == 3 and every.count(torch.Size([512])) == 3
+    assert all(torch.equal(a, b) for a, b in zip(reused, each))
+
+
+def test_a_large_unpack_waits_only_until_another_holder_is_decompressed():
+    """``"next"``: kept for the holder's next save unless another holder is decompressed first
+    (at most one large unpacked tensor waits); ``"all"``: kept whatever comes between."""
+    from slimfit_accel.compression.accounting import ByteCounter
+    from slimfit_accel.compression.engine import _Saved
+
+    calls = []
+    compressor = Int8Scaled()
+    counter = ByteCounter()
+
+    def holder(reuse):
+        packed = compressor.pack(torch.randn(3, 8))
+        saved = _Saved(packed, Spy(inner=compressor), torch.float32, 0, 0, counter, reuse=reuse)
+        saved.compressor.unpack = lambda p, saved=saved: calls.append(saved) or compressor.unpack(p)
+        saved.saves = 2
+        return saved
+
+    a, b, small = holder("next"), holder("next"), holder("all")
+    for saved in (a, a, small, b, a, b, small):
+        CompressionEngine._unpack(saved)
+    # a's second save takes its first unpack; small is kept past b and a; b is given up when a
+    # is decompressed (a new round for a: both its saves were served), a when b is again
+    assert calls == [a, small, b, a, b]
+    assert a.cached is None and b.cached is None and small.cached is None and _Saved.waiting is None
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_tensors_come_back_in_their_dtype(dtype):
     model = make_model("bert").train().to(dtype)

@@ -13,7 +13,8 @@ forward, such as the chunked loss's for a frozen head).
 Tensors come back in their own dtype (bf16/fp16 included).
 
 A tensor saved several times (e.g. a LayerNorm output read by Q, K and V) is packed once per
-compressor and counted once, as long as its storage is alive and unmodified.
+compressor and counted once, as long as its storage is alive and unmodified, and decompressed
+once for the saves whose backwards run in a row (``_Saved``).
 
 Gradient checkpointing: the checkpoint's own saved-tensor hooks are innermost inside checkpointed
 blocks, so with non-reentrant checkpointing (the default of torch and transformers) nothing inside
@@ -53,25 +54,53 @@ except ImportError:  # pragma: no cover
 KEPT = "-"  # by_compressor name for tensors kept as they are (not floating, too small)
 
 
+#: Unpacked tensors up to this size are handed to all of a holder's saves, whatever runs between
+#: them (rotary cos/sin, saved twice by every layer: 128 KiB each at 512 tokens); larger ones only
+#: to the next unpack (``_Saved``).
+KEEP_UNPACKED_BYTES = 1 << 20
+
+
 class _Saved:
     """What autograd holds instead of a saved tensor; releases its bytes when freed.
 
-    ``saves``: how many autograd nodes hold it. With ``reuse`` (a loss's log-probabilities, saved
-    by both the log-softmax and the NLL loss, whose backwards run one right after the other) the
-    first unpack is handed to the remaining ones instead of decompressing again: the same values,
-    and no more memory at the peak (the second node would allocate the same tensor anyway).
+    ``saves``: how many autograd nodes hold it. A holder saved several times is decompressed
+    once and the result handed to its other saves (the same values: autograd never writes into
+    an unpacked tensor). ``reuse``: ``"all"`` keeps the result until every save has had it (a
+    loss's log-probabilities, saved by the log-softmax and the NLL loss whose backwards run one
+    right after the other; small tensors); ``"next"`` keeps it only until another holder is
+    decompressed (large tensors: a Linear input read by q, k and v, whose backwards run in a
+    row), so at most one large unpacked tensor waits, and only between nodes that would each
+    allocate it anyway; a false value decompresses at every unpack.
     """
 
     __slots__ = ("packed", "compressor", "dtype", "raw", "nbytes", "counter", "saves", "reuse", "cached", "left",
                  "__weakref__")
 
-    def __init__(self, packed, compressor, dtype, raw, nbytes, counter, reuse=False):
+    #: the holder whose ``"next"`` unpack waits for its next save (a weak reference), or None
+    waiting: weakref.ref | None = None
+
+    def __init__(self, packed, compressor, dtype, raw, nbytes, counter, reuse: str | bool = False):
         self.packed, self.compressor, self.dtype = packed, compressor, dtype
         self.raw, self.nbytes, self.counter = raw, nbytes, counter
         self.saves, self.reuse, self.cached, self.left = 1, reuse, None, 0
 
     def __del__(self) -> None:
         self.counter.release(self.raw, self.nbytes)
+
+    def keep(self, tensor: torch.Tensor) -> None:
+        """Hand ``tensor`` (just decompressed) to this holder's other saves, as ``reuse`` says;
+        a ``"next"`` tensor of another holder still waiting is given up first."""
+        waiting = _Saved.waiting() if _Saved.waiting is not None else None
+        if waiting is not None and waiting is not self and waiting.reuse == "next":
+            waiting.cached = None
+        _Saved.waiting = None
+        # saves still to serve: the rest of this round, or (all served: another backward, say
+        # with retain_graph) a new round
+        self.left = (self.left if self.left > 0 else self.saves) - 1
+        if self.reuse and self.left > 0:
+            self.cached = tensor
+            if self.reuse == "next":
+                _Saved.waiting = weakref.ref(self)
 
 
 class _Seen:
@@ -246,8 +275,7 @@ class CompressionEngine:
         packed = compressor.pack(tensor, ctx) if compressor is not None else tensor
         raw = tensor_bytes(tensor) if first else 0
         nbytes = packed_bytes(packed)
-        holder = _Saved(packed, compressor, tensor.dtype, raw, nbytes, self._counter,
-                        reuse=compressor is not None and role == "log_probs")
+        holder = _Saved(packed, compressor, tensor.dtype, raw, nbytes, self._counter, reuse=_reuse(compressor, role, tensor))
         self._counter.add(name, raw, nbytes)
         if seen is not None:
             seen.holders[slot] = weakref.ref(holder)
@@ -276,17 +304,23 @@ class CompressionEngine:
             return saved
         if saved.compressor is None:
             return saved.packed
-        if saved.cached is not None:  # a reused unpack (log-probabilities): handed on, then dropped
-            tensor = saved.cached
+        tensor = saved.cached
+        if tensor is not None:  # decompressed for another save of this holder: handed on, then dropped
             saved.left -= 1
             if saved.left <= 0:
                 saved.cached = None
             return tensor
         tensor = saved.compressor.unpack(saved.packed)
         tensor = tensor if tensor.dtype == saved.dtype else tensor.to(saved.dtype)
-        if saved.reuse and saved.saves > 1:
-            saved.cached, saved.left = tensor, saved.saves - 1
+        saved.keep(tensor)
         return tensor
+
+
+def _reuse(compressor: Compressor | None, role: str | None, tensor: torch.Tensor) -> str | None:
+    """How a holder's unpack serves its other saves (``_Saved``): none for a tensor kept as it is."""
+    if compressor is None:
+        return None
+    return "all" if role == "log_probs" or tensor_bytes(tensor) <= KEEP_UNPACKED_BYTES else "next"
 
 
 @contextmanager
