@@ -901,10 +901,11 @@ def budget_ladder(setup: Setup) -> list[tuple[str, dict[str, Any]]]:
     Each rung keeps the previous one's settings: the base config as the recipe runs it (in bf16
     with paging: bf16 weights, fp32 masters on host, ``slimfit_default_config``); + optimizer
     paging; + fp32 masters on host (bf16); + every block checkpointed; + the chunked loss at 256
-    tokens a chunk (causal LM; ``BEST_LOSS_CHUNK``, unless the config's chunks are no larger); + the optimizer step in backward (``BEST_STEP``: exact, but it refuses gradient
-    accumulation and clipping) with a never-trained input embedding on host (``BEST_PLACEMENT``,
-    exact: it applies once a freeze ratio leaves the embedding untrained); then freeze ratios 0.9 and 0.95, frozen weights in int8, freeze
-    ratio 0.98, each with all of the above. Rungs that cost time come after those that cost none
+    tokens a chunk (causal LM; ``BEST_LOSS_CHUNK``, unless the config's chunks are no larger);
+    + the optimizer step in backward (``BEST_STEP``: exact, but it refuses gradient accumulation
+    and clipping) with a never-trained input embedding on host (``BEST_PLACEMENT``, exact: it
+    applies once a freeze ratio leaves the embedding untrained); then freeze ratios 0.9 and 0.95,
+    frozen weights in int8, freeze ratio 0.98, each with all of the above. Rungs that cost time come after those that cost none
     (paging is bit-identical and cheap; masters on host cost host memory), quality-changing rungs
     last."""
     base = slimfit_default_config(setup)
@@ -919,7 +920,8 @@ def budget_ladder(setup: Setup) -> list[tuple[str, dict[str, Any]]]:
     rungs.append(("+ every block checkpointed", copy.deepcopy(config)))
     if setup.task == "causal-lm" and _loss_chunk(config.get("chunked_loss")) > BEST_LOSS_CHUNK["chunk_size"]:
         # exact at any size; a quarter of the default chunk's logits (at 8B, 2 x 2048: 0.24 vs 0.98 GiB)
-        keeps_standard = config.get("chunked_loss") == "auto" or (isinstance(config.get("chunked_loss"), dict) and config["chunked_loss"].get("fallback") == "standard")
+        given = config.get("chunked_loss")
+        keeps_standard = given == "auto" or (isinstance(given, dict) and given.get("fallback") == "standard")
         config["chunked_loss"] = {**BEST_LOSS_CHUNK, **({"fallback": "standard"} if keeps_standard else {})}
         rungs.append((f"+ chunked loss, {BEST_LOSS_CHUNK['chunk_size']} tokens a chunk", copy.deepcopy(config)))
     config.update(BEST_STEP, **BEST_PLACEMENT)  # input_embedding: auto acts once a ratio leaves the embedding untrained
