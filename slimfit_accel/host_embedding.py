@@ -57,6 +57,8 @@ def why_not_on_host(model: nn.Module, units: UnitSet, never_trained: Mapping[str
         kind = accelerator.distributed_type
         if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP) or accelerator.num_processes > 1:
             return f"it runs in one process without DeepSpeed or FSDP (this launch: {kind.value}, {accelerator.num_processes} process(es))"
+    elif torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        return f"it runs in one process (a plain torch.distributed loop of {torch.distributed.get_world_size()} processes)"
     weight = module.weight
     names = [name for name, param in model.named_parameters(remove_duplicate=False) if param is weight]
     if len(names) > 1:

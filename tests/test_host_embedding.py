@@ -162,3 +162,16 @@ def test_deepspeed_fsdp_and_several_processes_are_refused(kind, processes, word)
     assert why_not_on_host(net, units, never) is None
     reason = why_not_on_host(net, units, never, launch)
     assert reason is not None and word in reason.lower()
+
+
+def test_a_plain_torch_distributed_loop_of_several_processes_is_refused(monkeypatch):
+    from slimfit_accel.config import UnitsConfig
+    from slimfit_accel.host_embedding import why_not_on_host
+    from slimfit_accel.units import discover_units
+
+    net = model()
+    units = discover_units(net, UnitsConfig())
+    never = {u.name: "too large" for u in units.schedulable}
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    assert "2 processes" in why_not_on_host(net, units, never)  # attach(None, ...) under DDP: no accelerator to ask
